@@ -1,0 +1,259 @@
+"""The agent's API contract: request and response models.
+
+`zlh` imports this module to talk to the agent; it must stay free of anything that
+needs the agent's runtime (no starlette, no psutil).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
+STATES = ("stopped", "starting", "running", "stopping", "backoff", "fatal")
+ProcessState = Literal["stopped", "starting", "running", "stopping", "backoff", "fatal"]
+CrashClass = Literal[
+    "exit-code", "signal", "oom-killed", "startup-timeout", "hung", "spawn-failed"
+]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_signal(name: str) -> str:
+    if not name.startswith("SIG") or not hasattr(signal.Signals, name):
+        raise ValueError(f"unknown signal {name!r}")
+    return name
+
+
+# -- probes ----------------------------------------------------------------------------
+
+
+class ProbeBase(Model):
+    interval: float = Field(1.0, gt=0, le=3600, description="seconds between attempts")
+    timeout: float = Field(2.0, gt=0, le=600, description="seconds per attempt")
+    failure_threshold: int = Field(
+        3, ge=1, le=100, description="liveness: consecutive failures that mean hung"
+    )
+
+
+class LogProbe(ProbeBase):
+    type: Literal["log"]
+    pattern: str = Field(description="regex searched in ANSI-stripped console lines")
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"invalid regex: {exc}") from None
+        return value
+
+
+class TcpProbe(ProbeBase):
+    type: Literal["tcp"]
+    host: str = "127.0.0.1"
+    port: int = Field(ge=1, le=65535)
+
+
+class HttpProbe(ProbeBase):
+    type: Literal["http"]
+    url: str = Field(pattern=r"^https?://")
+    expect_status: int = Field(200, ge=100, le=599)
+
+
+class MinecraftProbe(ProbeBase):
+    type: Literal["minecraft"]
+    host: str = "127.0.0.1"
+    port: int = Field(25565, ge=1, le=65535)
+
+
+Probe = Annotated[
+    Union[LogProbe, TcpProbe, HttpProbe, MinecraftProbe], Field(discriminator="type")
+]
+
+
+# -- process spec ----------------------------------------------------------------------
+
+
+class StopSpec(Model):
+    command: str | None = Field(None, description="console line that asks for a clean stop")
+    signal: str = Field("SIGTERM", description="signal sent when there is no command")
+    grace: float = Field(30.0, ge=0, le=3600, description="wait after command/signal")
+    term_grace: float = Field(10.0, ge=0, le=600, description="wait after SIGTERM")
+
+    @field_validator("signal")
+    @classmethod
+    def _known_signal(cls, value: str) -> str:
+        return _check_signal(value)
+
+
+class RestartSpec(Model):
+    policy: Literal["on-failure", "always", "never"] = "on-failure"
+    backoff_initial: float = Field(1.0, ge=0, le=3600)
+    backoff_max: float = Field(60.0, ge=0, le=86400)
+    backoff_jitter: float = Field(0.1, ge=0, le=1, description="fraction of the delay")
+    stable_after: float = Field(60.0, ge=0, description="ready seconds that reset backoff")
+    max_failures: int = Field(5, ge=1, le=1000, description="failures in window -> fatal")
+    failure_window: float = Field(300.0, gt=0)
+    clean_exit_codes: list[int] = Field(default_factory=lambda: [0])
+    clean_exit_is_crash: bool = Field(
+        False, description="treat a clean exit (e.g. after in-game stop) as a crash"
+    )
+
+
+class ProcessSpec(Model):
+    name: str = Field(pattern=NAME_PATTERN)
+    kind: Literal["game", "ide", "service"] = "game"
+    argv: list[str] = Field(min_length=1)
+    cwd: str | None = Field(None, description="relative to the server root, or absolute")
+    env: dict[str, str] = Field(default_factory=dict)
+    user: str | None = None
+    autostart: bool = True
+    startup_timeout: float = Field(120.0, gt=0, le=3600)
+    stop: StopSpec = Field(default_factory=StopSpec)
+    restart: RestartSpec = Field(default_factory=RestartSpec)
+    readiness: Probe | None = None
+    liveness: Probe | None = None
+    port: int | None = Field(None, ge=1, le=65535, description="public game port")
+
+    @field_validator("argv")
+    @classmethod
+    def _no_empty_program(cls, value: list[str]) -> list[str]:
+        if not value[0]:
+            raise ValueError("argv[0] must not be empty")
+        return value
+
+
+class ServerSpec(Model):
+    """What `PUT /v1/spec` carries: the desired server."""
+
+    playbook: str | None = None
+    processes: list[ProcessSpec] = Field(default_factory=list, max_length=32)
+
+    @field_validator("processes")
+    @classmethod
+    def _unique_names(cls, value: list[ProcessSpec]) -> list[ProcessSpec]:
+        names = [p.name for p in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate process names: {', '.join(dupes)}")
+        return value
+
+
+# -- status ----------------------------------------------------------------------------
+
+
+class CrashRecord(BaseModel):
+    time: float
+    crash_class: CrashClass = Field(alias="class", serialization_alias="class")
+    exit_code: int | None = None
+    signal: str | None = None
+    uptime: float
+    inferred: bool = False
+    detail: str = ""
+    last_lines: list[str] = Field(default_factory=list)
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class ProcessStatus(BaseModel):
+    name: str
+    kind: str
+    state: ProcessState
+    ready: bool
+    pid: int | None
+    started_at: float | None
+    uptime: float | None
+    restarts: int
+    backoff_until: float | None = None
+    last_exit_code: int | None = None
+    last_crash: CrashRecord | None = None
+    port: int | None = None
+    cpu_percent: float | None = None
+    rss_bytes: int | None = None
+
+
+class Provisioning(Model):
+    state: Literal["pending", "running", "complete", "failed"] = "pending"
+    step: str | None = None
+    error: str | None = None
+
+
+class Resources(BaseModel):
+    cpu_percent: float
+    memory_rss_bytes: int
+    memory_total_bytes: int
+    memory_available_bytes: int
+    sampled_at: float
+
+
+class Disk(BaseModel):
+    path: str
+    total_bytes: int
+    used_bytes: int
+    free_bytes: int
+
+
+class AgentInfo(BaseModel):
+    version: str
+    pid: int
+    uptime: float
+    user: str
+    rss_bytes: int
+
+
+class Status(BaseModel):
+    agent: AgentInfo
+    provisioning: Provisioning
+    processes: list[ProcessStatus]
+    runtimes: list[dict[str, str]] = Field(default_factory=list)
+    resources: Resources | None
+    disk: Disk | None
+
+
+# -- requests and records --------------------------------------------------------------
+
+
+class ConsoleInput(Model):
+    line: str = Field(max_length=4096)
+
+    @field_validator("line")
+    @classmethod
+    def _single_line(cls, value: str) -> str:
+        if "\n" in value or "\r" in value:
+            raise ValueError("must be a single line")
+        return value
+
+
+class ConsoleLine(BaseModel):
+    seq: int
+    ts: float
+    text: str
+
+
+class ConsoleGap(BaseModel):
+    seq: int = Field(description="first missing sequence number")
+    lost: int = Field(description="how many lines are gone")
+
+
+class ActionResult(BaseModel):
+    name: str
+    action: str
+    state: ProcessState
+    pid: int | None
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    path: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
