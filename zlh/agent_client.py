@@ -1,0 +1,159 @@
+"""The one client of the agent's HTTP API (docs/agent-api.md).
+
+Wraps httpx. Every transport failure becomes AgentUnreachableError naming the address,
+every error answer becomes AgentRequestError carrying the agent's message. The bearer
+token lives only in the request headers: it is never part of a message, a repr or a log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from agentd.models import (
+    ActionResult,
+    ConsoleGap,
+    ConsoleLine,
+    Provisioning,
+    ServerSpec,
+    Status,
+)
+from zlh.errors import AgentRequestError, AgentUnreachableError
+
+log = logging.getLogger(__name__)
+
+ConsoleRecord = ConsoleLine | ConsoleGap
+ACTIONS = ("start", "stop", "restart", "kill")
+# A stop waits for the game's own shutdown (grace + term_grace in its StopSpec).
+ACTION_TIMEOUT = 120.0
+
+
+class AgentClient:
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        timeout: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=timeout,
+            transport=transport,
+        )
+
+    def __repr__(self) -> str:
+        return f"AgentClient({self.base_url!r})"
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- routes -----------------------------------------------------------------------
+
+    def health(self) -> bool:
+        """True when /healthz answers; needs no token."""
+        return bool(self._request("GET", "/healthz").json().get("ok"))
+
+    def status(self) -> Status:
+        return Status.model_validate(self._request("GET", "/v1/status").json())
+
+    def get_spec(self) -> ServerSpec:
+        return ServerSpec.model_validate(self._request("GET", "/v1/spec").json())
+
+    def put_spec(self, spec: ServerSpec, timeout: float = ACTION_TIMEOUT) -> ServerSpec:
+        body = spec.model_dump(mode="json", exclude_none=True)
+        answer = self._request("PUT", "/v1/spec", json=body, timeout=timeout)
+        return ServerSpec.model_validate(answer.json())
+
+    def get_provisioning(self) -> Provisioning:
+        return Provisioning.model_validate(self._request("GET", "/v1/provisioning").json())
+
+    def set_provisioning(self, provisioning: Provisioning) -> Provisioning:
+        body = provisioning.model_dump(mode="json")
+        answer = self._request("PUT", "/v1/provisioning", json=body)
+        return Provisioning.model_validate(answer.json())
+
+    def action(self, name: str, action: str, timeout: float = ACTION_TIMEOUT) -> ActionResult:
+        if action not in ACTIONS:
+            raise ValueError(f"unknown action {action!r}")
+        answer = self._request("POST", f"/v1/processes/{name}/{action}", timeout=timeout)
+        return ActionResult.model_validate(answer.json())
+
+    def console(self, name: str, after: int = -1, limit: int = 1000) -> list[ConsoleRecord]:
+        params = {"after": after, "limit": limit}
+        answer = self._request("GET", f"/v1/processes/{name}/console", params=params)
+        return [_record(line) for line in answer.text.splitlines() if line.strip()]
+
+    def follow(self, name: str, after: int = -1) -> Iterator[ConsoleRecord]:
+        """Stream console records as they come; ends when the agent closes the stream."""
+        params = {"after": after, "follow": "true"}
+        url = f"/v1/processes/{name}/console"
+        timeout = httpx.Timeout(self._http.timeout.connect, read=None)
+        try:
+            with self._http.stream("GET", url, params=params, timeout=timeout) as answer:
+                if answer.is_error:
+                    answer.read()
+                    raise _request_error(answer)
+                for line in answer.iter_lines():
+                    if line.strip():
+                        yield _record(line)
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+
+    def send(self, name: str, line: str) -> int:
+        """Send one console line; returns the console's last sequence number."""
+        answer = self._request("POST", f"/v1/processes/{name}/console", json={"line": line})
+        return int(answer.json().get("seq", -1))
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        try:
+            answer = self._http.request(method, url, **kwargs)
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+        if answer.is_error:
+            raise _request_error(answer)
+        return answer
+
+    def _unreachable(self, exc: httpx.TransportError) -> AgentUnreachableError:
+        if isinstance(exc, httpx.TimeoutException):
+            reason = "timed out"
+        elif isinstance(exc, httpx.ConnectError):
+            reason = "connection refused"
+        else:
+            reason = type(exc).__name__
+        log.debug("agent %s unreachable: %r", self.base_url, exc)
+        return AgentUnreachableError(f"agent at {self.base_url} does not answer ({reason})")
+
+
+def _record(line: str | bytes) -> ConsoleRecord:
+    data = json.loads(line)
+    if "lost" in data:
+        return ConsoleGap.model_validate(data)
+    return ConsoleLine.model_validate(data)
+
+
+def _request_error(answer: httpx.Response) -> AgentRequestError:
+    try:
+        detail = answer.json()["error"]
+        code, message = str(detail["code"]), str(detail["message"])
+        if detail.get("path"):
+            message = f"{detail['path']}: {message}"
+    except (ValueError, KeyError, TypeError):
+        code, message = "http", answer.reason_phrase or "unexpected answer"
+    return AgentRequestError(
+        f"agent: {message} (HTTP {answer.status_code})", status=answer.status_code, code=code
+    )

@@ -1,0 +1,410 @@
+"""Provisioning: from a playbook and a name to a ready game server.
+
+The steps run in order, and each one that completes is recorded in the inventory:
+
+    registered -> container-created -> artifacts-installed -> files-rendered
+               -> agent-started -> spec-applied -> ready
+
+A re-run on an unfinished server resumes after the last recorded step (with the same
+playbook); a finished one is refused. One run per name at a time: an flock on
+`$ZLH_HOME/locks/NAME.lock` is held for the whole run, and the inventory's unique name is
+the backstop. A failed step records its error and raises ProvisionError naming the step;
+Ctrl-C leaves the last completed step recorded, so a re-run resumes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from zlh import records
+from zlh.errors import (
+    ConflictError,
+    IntegrityError,
+    ProvisionError,
+    UsageError,
+    ZlhError,
+)
+from zlh.inventory import Server, check_name
+
+if TYPE_CHECKING:
+    from agentd.models import Status
+    from zlh.playbooks import Playbook
+    from zlh.providers import Provider
+
+log = logging.getLogger(__name__)
+
+STEPS = (
+    "registered",
+    "container-created",
+    "artifacts-installed",
+    "files-rendered",
+    "agent-started",
+    "spec-applied",
+    "ready",
+)
+AGENT_START_TIMEOUT = 30.0
+# Launchers zlh ships for npm packages whose own entry point cannot be used as is; they
+# land in the server root as launcher.js. When playbook files can name packaged data
+# files, this table moves into the playbooks.
+LAUNCHERS = {"flying-squid": "squid-launcher.js"}
+PROVIDER = "local"
+
+StepCallback = Callable[[str, str], None]
+"""Called with (step, event): event is "start", "done" or "skip"."""
+
+
+@dataclass(frozen=True)
+class ProvisionRequest:
+    playbook: str
+    name: str
+    values: dict[str, str] = field(default_factory=dict)
+    allow_unpinned: bool = False
+    timeout: float = 300.0
+
+
+@dataclass
+class ProvisionResult:
+    name: str
+    playbook: str
+    address: str
+    game_port: int | None
+    ports: dict[str, int]
+    agent_port: int
+    resumed: bool
+    seconds: float
+
+
+def parse_values(pairs: list[str]) -> dict[str, str]:
+    """`--set KEY=VALUE` arguments as a dict; the playbook checks keys and types."""
+    from zlh.playbooks import parse_sets
+
+    return parse_sets(pairs)
+
+
+def provision(request: ProvisionRequest, on_step: StepCallback | None = None) -> ProvisionResult:
+    from zlh import playbooks
+    from zlh.paths import zlh_home
+
+    check_name(request.name)
+    # Everything the operator can get wrong is checked before anything is registered.
+    playbook = playbooks.load_playbook(request.playbook)
+    playbooks.resolve_values(playbook, request.values)
+    _check_pinned(playbook, request.allow_unpinned)
+    playbooks.require_system_artifacts(playbook)
+
+    home = zlh_home()
+    with _name_lock(home, request.name):
+        run = _Run(request, playbook, home, on_step or (lambda step, event: None))
+        return run.execute()
+
+
+@contextmanager
+def _name_lock(home: Path, name: str) -> Iterator[None]:
+    folder = home / "locks"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    with open(folder / f"{name}.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConflictError(f"provisioning of {name} is already running") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _check_pinned(playbook: Playbook, allow_unpinned: bool) -> None:
+    unpinned = [a for a in playbook.artifacts if getattr(a, "unpinned", False)]
+    if unpinned and not allow_unpinned:
+        names = ", ".join(_artifact_label(a) for a in unpinned)
+        raise UsageError(
+            f"playbook {playbook.name}: artifact {names} is unpinned (no sha256 known); "
+            "pass --allow-unpinned to install it anyway"
+        )
+
+
+def _artifact_label(artifact: Any) -> str:
+    version = getattr(artifact, "version", None)
+    return f"{artifact.name}@{version}" if version else str(artifact.name)
+
+
+class _Run:
+    """One provisioning run: the steps after the recorded one, in order."""
+
+    def __init__(
+        self, request: ProvisionRequest, playbook: Playbook, home: Path, on_step: StepCallback
+    ) -> None:
+        from zlh.providers import get_provider
+
+        self.request = request
+        self.playbook = playbook
+        self.home = home
+        self.on_step = on_step
+        self.provider: Provider = get_provider(PROVIDER, home)
+        self.record: Server | None = None
+        self.started = time.monotonic()
+
+    def execute(self) -> ProvisionResult:
+        resumed = self._load_existing()
+        done = 0
+        if self.record is not None:
+            step = self.record.step
+            done = STEPS.index(step) + 1 if step in STEPS else 1
+        actions: dict[str, Callable[[], None]] = {
+            "registered": self._register,
+            "container-created": self._create_container,
+            "artifacts-installed": self._install_artifacts,
+            "files-rendered": self._render_files,
+            "agent-started": self._start_agent,
+            "spec-applied": self._apply_spec,
+            "ready": self._wait_ready,
+        }
+        for index, step in enumerate(STEPS):
+            if index < done:
+                self.on_step(step, "skip")
+                continue
+            self._run_step(step, actions[step])
+        return self._result(resumed)
+
+    def _load_existing(self) -> bool:
+        existing = records.find(self.request.name)
+        if existing is None:
+            return False
+        if existing.step == "ready":
+            raise ConflictError(
+                f"server {existing.name} already exists (playbook {existing.playbook}); "
+                f"use `zlh delete {existing.name}` first"
+            )
+        if existing.playbook != self.playbook.name:
+            raise ConflictError(
+                f"server {existing.name} is being provisioned with playbook "
+                f"{existing.playbook}, not {self.playbook.name}; re-run with "
+                f"{existing.playbook} to resume, or `zlh delete {existing.name}`"
+            )
+        if self.request.values and self.request.values != existing.values:
+            raise ConflictError(
+                f"server {existing.name} is being provisioned with other --set values "
+                f"({_show(existing.values)}); re-run with those, or `zlh delete {existing.name}`"
+            )
+        self.record = existing
+        return True
+
+    def _run_step(self, step: str, action: Callable[[], None]) -> None:
+        name = self.request.name
+        self.on_step(step, "start")
+        try:
+            action()
+        except KeyboardInterrupt as exc:
+            exc.add_note(self._resume_hint("was interrupted during", step))
+            raise
+        except (ConflictError, IntegrityError) as exc:
+            # A port taken or a hash that does not match keep their own exit codes.
+            self._record_failure(step, exc.message)
+            exc.message = f"provisioning {name}: step {step} failed: {exc.message}"
+            raise
+        except ZlhError as exc:
+            self._record_failure(step, exc.message)
+            raise ProvisionError(f"provisioning {name}: step {step} failed: {exc}") from exc
+        except OSError as exc:
+            self._record_failure(step, str(exc))
+            raise ProvisionError(f"provisioning {name}: step {step} failed: {exc}") from exc
+        status = "ready" if step == "ready" else "provisioning"
+        self.record = records.update(name, "step", step, step=step, status=status)
+        self.on_step(step, "done")
+
+    def _resume_hint(self, what: str, step: str) -> str:
+        name = self.request.name
+        return (
+            f"provisioning of {name} {what} step {step}; run "
+            f"`zlh provision {self.playbook.name} {name}` again to resume, "
+            f"or `zlh delete {name}` to remove it"
+        )
+
+    def _record_failure(self, step: str, message: str) -> None:
+        if step == "registered" or records.find(self.request.name) is None:
+            return  # not registered by this run: nothing of ours to record
+        records.update(self.request.name, "failed", f"{step}: {message}", status="failed")
+        self._tell_agent("failed", step, message)
+
+    def _tell_agent(self, state: str, step: str, error: str | None = None) -> None:
+        """Best effort: mirror the provisioning state into the agent, when it runs."""
+        from agentd.models import Provisioning
+        from zlh.servers import agent_client
+
+        if self.record is None or not self.provider.agent_running(self.request.name):
+            return
+        try:
+            with agent_client(self.record) as client:
+                client.set_provisioning(Provisioning(state=state, step=step, error=error))
+        except ZlhError as exc:
+            log.warning("could not record provisioning state in the agent: %s", exc)
+
+    # -- the steps --------------------------------------------------------------------
+
+    def _register(self) -> None:
+        from zlh.ports import free_port
+
+        taken: set[int] = set()
+        agent_port = free_port("tcp", taken)
+        taken.add(agent_port)
+        ports: dict[str, int] = {}
+        for port_name, port in self.playbook.ports.items():
+            ports[port_name] = free_port(port.protocol, taken)
+            taken.add(ports[port_name])
+
+        records.add(
+            Server(
+                name=self.request.name,
+                playbook=self.playbook.name,
+                provider=self.provider.name,
+                address=self.provider.address(self.request.name),
+                agent_port=agent_port,
+                ports=ports,
+                values=dict(self.request.values),
+                step="registered",
+                status="provisioning",
+            )
+        )
+
+    def _create_container(self) -> None:
+        assert self.record is not None
+        assert self.record.agent_port is not None
+        provider_id = self.provider.create(self.record.name, self.record.agent_port)
+        token_path = self.provider.token_path(self.record.name)
+        records.update(
+            self.record.name, "container-created", provider_id,
+            provider_id=provider_id, token_path=str(token_path),
+        )
+
+    def _install_artifacts(self) -> None:
+        root = self.provider.server_root(self.request.name)
+        for artifact in self.playbook.artifacts:
+            _install_artifact(artifact, root, self.home / "cache", self.request.allow_unpinned)
+
+    def _render_files(self) -> None:
+        from zlh import playbooks
+
+        playbooks.write_files(self._rendered())
+
+    def _rendered(self) -> Any:
+        from zlh import playbooks
+
+        assert self.record is not None
+        root = self.provider.server_root(self.record.name)
+        return playbooks.render(self.playbook, self.record.values, self.record.ports, root)
+
+    def _start_agent(self) -> None:
+        self.provider.start_agent(self.request.name, timeout=AGENT_START_TIMEOUT)
+
+    def _apply_spec(self) -> None:
+        from agentd.models import Provisioning
+        from zlh.ports import require_free
+        from zlh.servers import agent_client
+
+        assert self.record is not None
+        for port_name, number in self.record.ports.items():
+            protocol = self.playbook.ports[port_name].protocol
+            require_free(number, protocol, f"{port_name} of {self.record.name}")
+
+        spec = self._rendered().spec
+        with agent_client(self.record) as client:
+            client.set_provisioning(Provisioning(state="running", step="spec-applied"))
+            client.put_spec(spec)
+
+    def _wait_ready(self) -> None:
+        from agentd.models import Provisioning
+        from zlh.servers import agent_client
+
+        assert self.record is not None
+        deadline = time.monotonic() + self.request.timeout
+        with agent_client(self.record) as client:
+            while True:
+                status = client.status()
+                if _games_ready(status):
+                    break
+                _raise_if_fatal(status)
+                if time.monotonic() > deadline:
+                    raise ProvisionError(
+                        f"the game did not become ready within {self.request.timeout:.0f} s "
+                        f"({_game_states(status)}); see `zlh console {self.record.name}`"
+                    )
+                time.sleep(0.25)
+            client.set_provisioning(Provisioning(state="complete", step="ready"))
+
+    def _result(self, resumed: bool) -> ProvisionResult:
+        assert self.record is not None
+        return ProvisionResult(
+            name=self.record.name,
+            playbook=self.record.playbook,
+            address=self.record.address or "",
+            game_port=records.game_port(self.record),
+            ports=dict(self.record.ports),
+            agent_port=self.record.agent_port or 0,
+            resumed=resumed,
+            seconds=round(time.monotonic() - self.started, 2),
+        )
+
+
+def _install_artifact(artifact: Any, root: Path, cache: Path, allow_unpinned: bool) -> None:
+    if artifact.source == "npm":
+        from zlh.npmcache import install_npm_package
+
+        install_npm_package(
+            artifact.package,
+            artifact.version,
+            artifact.sha256,
+            dest=root,
+            cache_root=cache,
+            allow_unpinned=allow_unpinned,
+        )
+        _copy_launcher(artifact.package, root)
+    elif artifact.source == "system":
+        if not Path(artifact.path).exists():
+            raise ProvisionError(f"{artifact.path} is missing: apt-get install -y {artifact.apt}")
+    else:
+        # When the catalogs issue lands, url artifacts come from the artifact server
+        # through the hash-checked download path.
+        raise ProvisionError(
+            f"artifact {_artifact_label(artifact)}: source {artifact.source!r} "
+            "is not supported by the local provider yet"
+        )
+
+
+def _copy_launcher(package: str, root: Path) -> None:
+    """Put the launcher zlh ships for an npm package (if any) into the server root."""
+    from importlib.resources import files
+
+    launcher = LAUNCHERS.get(package)
+    if launcher is not None:
+        source = files("zlh") / "data" / launcher
+        (root / "launcher.js").write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+
+
+def _games_ready(status: Status) -> bool:
+    games = [p for p in status.processes if p.kind == "game"]
+    return bool(games) and all(p.ready for p in games)
+
+
+def _raise_if_fatal(status: Status) -> None:
+    for process in status.processes:
+        if process.kind == "game" and process.state == "fatal":
+            crash = process.last_crash
+            why = f"last crash: {crash.crash_class} {crash.detail}".strip() if crash else ""
+            raise ProvisionError(f"{process.name} gave up restarting (fatal); {why}")
+
+
+def _game_states(status: Status) -> str:
+    games = [p for p in status.processes if p.kind == "game"]
+    return ", ".join(f"{p.name} {p.state}" for p in games) or "no game process"
+
+
+def _show(values: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(values.items())) or "none"
