@@ -1,0 +1,51 @@
+"""Errors of the agent, each mapped to an HTTP status and a stable code.
+
+    AgentError                500 internal
+    +-- ConfigFileError       (start-up only: bad config or token file; exit 2)
+    +-- Unauthorized          401 unauthorized
+    +-- NotFound              404 not-found
+    +-- Conflict              409 conflict
+    +-- TooLarge              413 too-large
+    +-- Invalid               422 invalid
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    status = 500
+    code = "internal"
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = path
+
+
+class ConfigFileError(AgentError):
+    code = "config"
+
+
+class Unauthorized(AgentError):
+    status = 401
+    code = "unauthorized"
+
+
+class NotFound(AgentError):
+    status = 404
+    code = "not-found"
+
+
+class Conflict(AgentError):
+    status = 409
+    code = "conflict"
+
+
+class TooLarge(AgentError):
+    status = 413
+    code = "too-large"
+
+
+class Invalid(AgentError):
+    status = 422
+    code = "invalid"

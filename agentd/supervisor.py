@@ -1,0 +1,454 @@
+"""Supervision of one process: states, crash recovery, probes, graceful stop.
+
+    stopped -> starting -> running (ready) -> stopping -> stopped
+                  |            |
+                  +--- exit ---+--> crash --> backoff --> starting ...
+                                          \\-> fatal (too many failures in the window)
+
+Power actions (start, stop, restart) are serialised by one lock; `kill` never waits
+for it. Every transition is logged once with the pid. The child's exit is noticed
+through a pidfd in the event loop, so there is no polling and no reaper thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import random
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+from agentd.console import Console
+from agentd.errors import Conflict
+from agentd.logs import fields
+from agentd.models import (
+    CrashRecord,
+    LogProbe,
+    ProcessSpec,
+    ProcessState,
+    ProcessStatus,
+)
+from agentd.probes import LogWatch, check
+from agentd.proctree import oom_kill_count, signal_leader, signal_tree
+from agentd.spawn import Child, Launch, SpawnError, spawn
+
+log = logging.getLogger(__name__)
+
+CRASH_HISTORY = 20
+CRASH_LINES = 20
+READ_BURST = 16  # PTY reads per wake-up: drain a flood in few loop iterations
+
+
+class Supervisor:
+    def __init__(self, spec: ProcessSpec, console: Console, server_root: Path,
+                 on_change: Callable[[], None] = lambda: None) -> None:
+        self.spec = spec
+        self.console = console
+        self.server_root = server_root
+        self.state: ProcessState = "stopped"
+        self.ready = False
+        self.restarts = 0
+        self.crashes: deque[CrashRecord] = deque(maxlen=CRASH_HISTORY)
+        self.last_exit_code: int | None = None
+        self.backoff_until: float | None = None
+        self._on_change = on_change
+        self._lock = asyncio.Lock()
+        self._child: Child | None = None
+        self._exited: asyncio.Future[int] | None = None
+        self._started_at: float | None = None
+        self._ready_at: float | None = None
+        self._expect_exit = False  # an operator stop, restart or kill is under way
+        self._stop_sent = False  # the stop command went in through the console
+        self._kill_reason: str | None = None  # startup-timeout or hung, when we killed it
+        self._sent_sigkill = False
+        self._oom_before: int | None = None
+        self._failures: deque[float] = deque()
+        self._streak = 0  # crashes since the last stable run; sets the backoff delay
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._backoff_task: asyncio.Task[None] | None = None
+
+    # -- public actions -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        async with self._lock:
+            if self.state in ("starting", "running"):
+                return
+            self._cancel_backoff()
+            self._failures.clear()
+            self._streak = 0
+            self._spawn()
+
+    async def stop(self) -> None:
+        self._cancel_backoff()
+        async with self._lock:
+            if self.state in ("backoff", "fatal"):
+                self._transition("stopped")
+            await self._stop_child()
+
+    async def restart(self) -> None:
+        self._cancel_backoff()
+        async with self._lock:
+            await self._stop_child()
+            self._failures.clear()
+            self._streak = 0
+            self._spawn()
+
+    async def kill(self) -> None:
+        """SIGKILL to the whole tree, now; no restart follows."""
+        self._cancel_backoff()
+        if self.state in ("backoff", "fatal"):
+            self._transition("stopped")
+        child, exited = self._child, self._exited
+        if child is None or exited is None:
+            return
+        self._expect_exit = True
+        self._sent_sigkill = True
+        signal_tree(child.identity, child.marker, signal.SIGKILL)
+        await asyncio.shield(exited)
+
+    def send(self, line: str) -> None:
+        child = self._child
+        if child is None or self.state not in ("starting", "running"):
+            raise Conflict(f"process {self.spec.name!r} is {self.state}; it takes no input")
+        data = (line + "\n").encode()
+        try:
+            written = os.write(child.master_fd, data)
+        except BlockingIOError:
+            written = 0
+        if written != len(data):
+            raise Conflict(f"process {self.spec.name!r} is not reading its input")
+        if self.spec.stop.command is not None and line.strip() == self.spec.stop.command:
+            self._stop_sent = True
+        log.info("console_input", extra=fields(process=self.spec.name, bytes=len(data)))
+
+    async def shutdown(self) -> None:
+        """Stop for the agent's own shutdown: no restart, whatever the policy."""
+        self._cancel_backoff()
+        async with self._lock:
+            await self._stop_child()
+
+    # -- status -------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self._child.pid if self._child is not None else None
+
+    def status(self, usage: tuple[float, int] | None = None) -> ProcessStatus:
+        now = time.time()
+        started = self._started_at if self._child is not None else None
+        return ProcessStatus(
+            name=self.spec.name,
+            kind=self.spec.kind,
+            state=self.state,
+            ready=self.ready,
+            pid=self.pid,
+            started_at=started,
+            uptime=None if started is None else round(now - started, 3),
+            restarts=self.restarts,
+            backoff_until=self.backoff_until,
+            last_exit_code=self.last_exit_code,
+            last_crash=self.crashes[-1] if self.crashes else None,
+            port=self.spec.port,
+            cpu_percent=usage[0] if usage else None,
+            rss_bytes=usage[1] if usage else None,
+        )
+
+    def child_identity(self) -> tuple[int, float] | None:
+        child = self._child
+        return None if child is None else (child.identity.pid, child.identity.started)
+
+    # -- spawning -----------------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        self._expect_exit = self._stop_sent = self._sent_sigkill = False
+        self._kill_reason = None
+        self.backoff_until = None
+        cwd = self.server_root / (self.spec.cwd or ".")
+        launch = Launch(self.spec.argv, cwd, self.spec.env, self.spec.user)
+        try:
+            self._oom_before = oom_kill_count()
+            child = spawn(launch)
+        except SpawnError as exc:
+            self.console.note(f"[zlh] {exc}")
+            self._crashed("spawn-failed", None, None, 0.0, str(exc))
+            return
+        loop = asyncio.get_running_loop()
+        self._child, self._exited = child, loop.create_future()
+        self._started_at = time.time()
+        loop.add_reader(child.master_fd, self._drain, child)
+        loop.add_reader(child.pidfd, self._reap, child)
+        self._transition("starting", pid=child.pid)
+        self._start_probes(child)
+
+    def _drain(self, child: Child) -> None:
+        for _ in range(READ_BURST):
+            try:
+                data = os.read(child.master_fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno != errno.EIO:  # EIO: every writer of the PTY is gone
+                    log.warning("console_read_failed",
+                                extra=fields(process=self.spec.name, error=str(exc)))
+                asyncio.get_running_loop().remove_reader(child.master_fd)
+                return
+            if not data:
+                asyncio.get_running_loop().remove_reader(child.master_fd)
+                return
+            self.console.feed(data)
+
+    # -- exit handling ------------------------------------------------------------------
+
+    def _reap(self, child: Child) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(child.pidfd)
+        code = child.popen.wait()
+        # Leftover descendants must not outlive their process: they would hold the
+        # game port and the PTY.
+        signal_tree(child.identity, child.marker, signal.SIGKILL)
+        self._drain(child)
+        loop.remove_reader(child.master_fd)
+        self.console.flush_partial()
+        child.close()
+        uptime = time.time() - (self._started_at or time.time())
+        ready_for = 0.0 if self._ready_at is None else time.time() - self._ready_at
+        self._child = None
+        self.ready = False
+        self._ready_at = None
+        self._cancel_probes()
+        self.last_exit_code = code
+        self._settle(code, uptime, ready_for)
+        assert self._exited is not None
+        if not self._exited.done():
+            self._exited.set_result(code)
+
+    def _settle(self, code: int, uptime: float, ready_for: float) -> None:
+        name = self.spec.name
+        signame = _signal_name(-code) if code < 0 else None
+        log.info("exit", extra=fields(process=name, code=code, signal=signame,
+                                       uptime=round(uptime, 3)))
+        if self._expect_exit:
+            self.console.note(f"[zlh] {name} stopped (exit {_describe(code)})")
+            self._transition("stopped")
+            return
+        clean = code in self.spec.restart.clean_exit_codes and self._kill_reason is None
+        if clean and (self._stop_sent or not self.spec.restart.clean_exit_is_crash):
+            self.console.note(f"[zlh] {name} exited cleanly (exit {code})")
+            if self.spec.restart.policy == "always" and not self._stop_sent:
+                # Not a failure, but still paced: a program that exits at once must
+                # not turn into a tight loop.
+                stable = ready_for >= self.spec.restart.stable_after
+                self._streak = 0 if stable else self._streak + 1
+                self._schedule_restart(self._backoff_delay())
+            else:
+                self._transition("stopped")
+            return
+        if ready_for >= self.spec.restart.stable_after:
+            self._streak = 0
+        crash_class, detail, inferred = self._classify(code)
+        self._crashed(crash_class, code if code >= 0 else None, signame, uptime, detail,
+                      inferred)
+
+    def _classify(self, code: int) -> tuple[str, str, bool]:
+        if self._kill_reason is not None:
+            return self._kill_reason, f"killed by the agent: {self._kill_reason}", False
+        if code >= 0:
+            return "exit-code", f"exited with code {code}", False
+        if -code == signal.SIGKILL and not self._sent_sigkill:
+            after = oom_kill_count()
+            if after is not None and self._oom_before is not None and after > self._oom_before:
+                return "oom-killed", "the cgroup's oom_kill counter rose", False
+            if after is None:
+                return ("signal", "SIGKILL not sent by the agent; possibly the OOM killer "
+                        "(inferred: no cgroup memory events here)", True)
+        return "signal", f"killed by {_signal_name(-code)}", False
+
+    def _crashed(self, crash_class: str, code: int | None, signame: str | None,
+                 uptime: float, detail: str, inferred: bool = False) -> None:
+        record = CrashRecord(
+            time=time.time(), crash_class=crash_class, exit_code=code, signal=signame,  # type: ignore[arg-type]  # validated Literal
+            uptime=round(uptime, 3), inferred=inferred, detail=detail,
+            last_lines=self.console.tail(CRASH_LINES),
+        )
+        self.crashes.append(record)
+        log.warning("crash", extra=fields(process=self.spec.name, crash_class=crash_class,
+                                          exit_code=code, signal=signame, detail=detail))
+        self.console.note(f"[zlh] {self.spec.name} crashed: {crash_class}: {detail}")
+        policy = self.spec.restart
+        if policy.policy == "never":
+            self._transition("stopped")
+            return
+        now = time.time()
+        self._failures.append(now)
+        while self._failures and now - self._failures[0] > policy.failure_window:
+            self._failures.popleft()
+        if len(self._failures) >= policy.max_failures:
+            log.error("fatal", extra=fields(process=self.spec.name,
+                                            failures=len(self._failures),
+                                            window=policy.failure_window))
+            self._transition("fatal")
+            return
+        self._streak += 1
+        self._schedule_restart(self._backoff_delay())
+
+    def _backoff_delay(self) -> float:
+        policy = self.spec.restart
+        base = min(policy.backoff_max, policy.backoff_initial * 2 ** max(0, self._streak - 1))
+        jitter = base * policy.backoff_jitter
+        return max(0.0, base + random.uniform(-jitter, jitter))
+
+    def _schedule_restart(self, delay: float) -> None:
+        self.backoff_until = time.time() + delay
+        self._transition("backoff", delay=round(delay, 3))
+        self._backoff_task = asyncio.get_running_loop().create_task(self._restart_after(delay))
+
+    async def _restart_after(self, delay: float) -> None:
+        if delay > 0:
+            await asyncio.sleep(delay)
+        async with self._lock:
+            if self.state != "backoff":
+                return
+            self._backoff_task = None
+            self.restarts += 1
+            self._spawn()
+
+    def _cancel_backoff(self) -> None:
+        task, self._backoff_task = self._backoff_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        self.backoff_until = None
+
+    # -- stopping -----------------------------------------------------------------------
+
+    async def _stop_child(self) -> None:
+        """Stop command or signal -> grace -> SIGTERM to the group -> SIGKILL."""
+        child, exited = self._child, self._exited
+        if child is None or exited is None:
+            return
+        self._expect_exit = True
+        self.ready = False
+        self._cancel_probes()
+        self._transition("stopping", pid=child.pid)
+        stop = self.spec.stop
+
+        # Step 1: ask politely, the way the server wants to be asked.
+        if stop.command is not None:
+            with contextlib.suppress(OSError):
+                os.write(child.master_fd, (stop.command + "\n").encode())
+        else:
+            signal_leader(child.identity, signal.Signals[stop.signal])
+        if await _wait(exited, stop.grace):
+            return
+
+        # Step 2: SIGTERM to everything in the tree.
+        log.warning("stop_escalate", extra=fields(process=self.spec.name, pid=child.pid,
+                                                  signal="SIGTERM"))
+        signal_tree(child.identity, child.marker, signal.SIGTERM)
+        if await _wait(exited, stop.term_grace):
+            return
+
+        # Step 3: SIGKILL; the kernel does not refuse it.
+        log.warning("stop_escalate", extra=fields(process=self.spec.name, pid=child.pid,
+                                                  signal="SIGKILL"))
+        self._sent_sigkill = True
+        signal_tree(child.identity, child.marker, signal.SIGKILL)
+        await asyncio.shield(exited)
+
+    # -- probes -------------------------------------------------------------------------
+
+    def _start_probes(self, child: Child) -> None:
+        self._track(self._readiness(child))
+        self._track(self._startup_deadline(child))
+
+    def _track(self, coro: object) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]  # coroutine
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _cancel_probes(self) -> None:
+        for task in list(self._tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+
+    async def _readiness(self, child: Child) -> None:
+        probe = self.spec.readiness
+        if isinstance(probe, LogProbe):
+            watch = LogWatch(probe)
+            unsubscribe = self.console.subscribe(watch.feed)
+            try:
+                await watch.wait()
+            finally:
+                unsubscribe()
+        elif probe is not None:
+            while await check(probe) is not None:
+                await asyncio.sleep(probe.interval)
+        if self._child is not child or self.state != "starting":
+            return
+        self.ready = True
+        self._ready_at = time.time()
+        self._transition("running", pid=child.pid, ready=True)
+        if self.spec.liveness is not None:
+            self._track(self._liveness(child))
+
+    async def _startup_deadline(self, child: Child) -> None:
+        await asyncio.sleep(self.spec.startup_timeout)
+        if self._child is child and self.state == "starting":
+            self.console.note(f"[zlh] not ready after {self.spec.startup_timeout:g}s")
+            self._kill_for("startup-timeout", child)
+
+    async def _liveness(self, child: Child) -> None:
+        probe = self.spec.liveness
+        assert probe is not None and not isinstance(probe, LogProbe)
+        failures = 0
+        while self._child is child:
+            await asyncio.sleep(probe.interval)
+            reason = await check(probe)
+            failures = 0 if reason is None else failures + 1
+            if reason is not None:
+                log.warning("liveness_failed", extra=fields(
+                    process=self.spec.name, pid=child.pid, failures=failures, reason=reason))
+            if failures >= probe.failure_threshold and self._child is child:
+                self.console.note(f"[zlh] liveness failed {failures} times: {reason}")
+                self._kill_for("hung", child)
+                return
+
+    def _kill_for(self, reason: str, child: Child) -> None:
+        self._kill_reason = reason
+        self.ready = False
+        self._sent_sigkill = True
+        signal_tree(child.identity, child.marker, signal.SIGKILL)
+
+    # -- bookkeeping --------------------------------------------------------------------
+
+    def _transition(self, state: ProcessState, **extra: object) -> None:
+        previous, self.state = self.state, state
+        if previous != state or "pid" in extra:
+            log.info("state", extra=fields(process=self.spec.name, previous=previous,
+                                           state=state, pid=self.pid, **extra))
+        self._on_change()
+
+
+async def _wait(future: asyncio.Future[int], timeout: float) -> bool:
+    """True when the process exited within `timeout` seconds."""
+    try:
+        await asyncio.wait_for(asyncio.shield(future), timeout)
+        return True
+    except asyncio.TimeoutError:
+        return False
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _describe(code: int) -> str:
+    return str(code) if code >= 0 else _signal_name(-code)
