@@ -413,6 +413,8 @@ class Playbook(Model):
 
     def _probe_problems(self, probe: PortProbe, process: ProcessDef, loc: Loc) -> Iterator[Problem]:
         port = probe.port or process.port
+        if probe.port is None and port is not None and port not in self.ports:
+            return  # the process's own port is already reported
         if port is None:
             yield Problem(loc + ("port",), "needs a port: name one, or set the process's port")
         elif port not in self.ports:

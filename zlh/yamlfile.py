@@ -229,7 +229,7 @@ def load_model(path: Path, model: type[M]) -> M:
 def _from_pydantic(data: Any, errors: list[ErrorDetails]) -> list[Problem]:
     problems = []
     for err in errors:
-        loc = document_loc(data, err["loc"], err["type"] == "missing")
+        loc = document_loc(data, err["loc"], err.get("input"), err["type"] == "missing")
         if err["type"] in ("union_tag_not_found", "union_tag_invalid"):
             # Point at the tag key itself (`source`, `type`), present or missing.
             loc += (str((err.get("ctx") or {}).get("discriminator", "")).strip("'"),)
@@ -237,26 +237,52 @@ def _from_pydantic(data: Any, errors: list[ErrorDetails]) -> list[Problem]:
     return problems
 
 
-def document_loc(data: Any, loc: tuple[str | int, ...], missing_last: bool) -> Loc:
+def document_loc(data: Any, loc: Loc, error_input: Any, missing_last: bool) -> Loc:
     """Keep the parts of a pydantic error location that name keys or items of `data`.
 
     Pydantic adds union tags (`npm`, `function-after[...]`) and `[key]` to locations;
-    those are not in the file. The last part of a `missing` error is kept: it is the key
-    the file should have had.
+    those are not in the file. A tag can also be a key (an artifact of source `url` has
+    a key `url`), so every reading is tried and the one that leads to the value pydantic
+    complained about wins; then the one that keeps more parts. The last part of a
+    `missing` error is kept: it is the key the file should have had.
     """
-    kept: list[str | int] = []
-    node = data
-    for index, part in enumerate(loc):
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-            node = node[part]
-        elif missing_last and index == len(loc) - 1:
-            node = None
-        else:
-            continue
-        kept.append(part)
-    return tuple(kept)
+    def rank(reading: _Reading) -> tuple[bool, int]:
+        target = reading.parent if missing_last else reading.node
+        return (target is error_input or _same(target, error_input), len(reading.loc))
+
+    return max(_readings(data, data, loc, missing_last), key=rank).loc
+
+
+@dataclass(frozen=True)
+class _Reading:
+    loc: Loc
+    node: Any
+    parent: Any
+
+
+def _readings(node: Any, parent: Any, loc: Loc, missing_last: bool) -> list[_Reading]:
+    if not loc:
+        return [_Reading((), node, parent)]
+    part, rest = loc[0], loc[1:]
+    readings = _readings(node, parent, rest, missing_last)
+    if _has(node, part):
+        readings += [
+            _Reading((part,) + r.loc, r.node, r.parent)
+            for r in _readings(node[part], node, rest, missing_last)
+        ]
+    elif missing_last and not rest and isinstance(node, dict):
+        readings.append(_Reading((part,), None, node))
+    return readings
+
+
+def _same(value: Any, other: Any) -> bool:
+    return type(value) is type(other) and bool(value == other)
+
+
+def _has(node: Any, part: str | int) -> bool:
+    if isinstance(node, dict):
+        return part in node
+    return isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
 
 
 def _reason(err: ErrorDetails) -> str:
