@@ -418,3 +418,45 @@ def test_a_timeout_is_unreachable_not_a_crash() -> None:
 
     assert str(caught.value) == "agent at http://127.0.0.1:1 does not answer (timed out)"
     assert type(caught.value).__name__ == "AgentUnreachableError"
+
+
+# -- provisioning steps: failure and Ctrl-C --------------------------------------------
+
+
+def _break_step(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+    from zlh.providers.local import LocalProvider
+
+    def create(self: Any, name: str, agent_port: int) -> str:
+        raise error
+
+    monkeypatch.setattr(LocalProvider, "create", create)
+
+
+def test_a_failed_step_is_recorded_and_named(zlh, monkeypatch) -> None:
+    _break_step(monkeypatch, OSError(28, "No space left on device"))
+
+    result = zlh("provision", "minecraft-squid", "alpha")
+
+    assert result.code == 8
+    assert result.err == (
+        "zlh: error: provisioning alpha: step container-created failed: "
+        "[Errno 28] No space left on device\n"
+    )
+    [server] = json.loads(zlh("servers", "list", "--json").out)
+    assert (server["step"], server["status"]) == ("registered", "failed")
+
+
+def test_ctrl_c_leaves_the_last_step_and_says_how_to_resume(zlh, monkeypatch) -> None:
+    _break_step(monkeypatch, KeyboardInterrupt())
+
+    result = zlh("provision", "minecraft-squid", "alpha")
+
+    assert result.code == 130
+    assert result.err == (
+        "\nzlh: interrupted\n"
+        "zlh: provisioning of alpha was interrupted during step container-created; run "
+        "`zlh provision minecraft-squid alpha` again to resume, or `zlh delete alpha` "
+        "to remove it\n"
+    )
+    [server] = json.loads(zlh("servers", "list", "--json").out)
+    assert (server["step"], server["status"]) == ("registered", "provisioning")
