@@ -183,7 +183,7 @@ class Supervisor:
         self._started_at = time.time()
         loop.add_reader(child.master_fd, self._drain, child)
         loop.add_reader(child.pidfd, self._reap, child)
-        self._transition("starting", pid=child.pid)
+        self._transition("starting")
         self._start_probes(child)
 
     def _drain(self, child: Child) -> None:
@@ -334,7 +334,7 @@ class Supervisor:
         self._expect_exit = True
         self.ready = False
         self._cancel_probes()
-        self._transition("stopping", pid=child.pid)
+        self._transition("stopping")
         stop = self.spec.stop
 
         # Step 1: ask politely, the way the server wants to be asked.
@@ -392,7 +392,7 @@ class Supervisor:
             return
         self.ready = True
         self._ready_at = time.time()
-        self._transition("running", pid=child.pid, ready=True)
+        self._transition("running", ready=True)
         if self.spec.liveness is not None:
             self._track(self._liveness(child))
 
@@ -428,7 +428,7 @@ class Supervisor:
 
     def _transition(self, state: ProcessState, **extra: object) -> None:
         previous, self.state = self.state, state
-        if previous != state or "pid" in extra:
+        if previous != state:
             log.info("state", extra=fields(process=self.spec.name, previous=previous,
                                            state=state, pid=self.pid, **extra))
         self._on_change()

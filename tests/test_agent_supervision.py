@@ -143,8 +143,21 @@ def test_stop_escalates_and_leaves_no_descendant(agent, tmp_path):
     agent.wait_state("game", "stopped")
     for pid in tree | {p.pid for p in family}:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", pid
+    # The shell wrapper dies of SIGTERM; what ignored it is killed with the group.
     escalations = [e["signal"] for e in agent.events("stop_escalate")]
-    assert escalations == ["SIGTERM", "SIGKILL"]
+    assert escalations[0] == "SIGTERM"
+
+
+def test_stop_escalates_to_sigkill_when_term_is_ignored(agent):
+    spec = game(argv=fake("--ignore-term", "--ignore-stop"))
+    spec["stop"] = {"command": "stop", "grace": 0.2, "term_grace": 0.2}
+    agent.put_spec(spec)
+    pid = agent.wait_state("game", "running")["pid"]
+    agent.action("game", "stop")
+    proc = agent.wait_state("game", "stopped")
+    assert proc["last_crash"] is None and proc["last_exit_code"] == -signal.SIGKILL
+    assert [e["signal"] for e in agent.events("stop_escalate")] == ["SIGTERM", "SIGKILL"]
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
 
 
 def _environ(proc: psutil.Process) -> dict[str, str]:
