@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +111,7 @@ def test_update_refuses_bad_changes(
     ids=["get", "update", "remove", "record", "history"],
 )
 def test_unknown_server_is_not_found(inventory: Inventory, action: str) -> None:
-    calls = {
+    calls: dict[str, Callable[[], object]] = {
         "get": lambda: inventory.get("ghost"),
         "update": lambda: inventory.update("ghost", step="x"),
         "remove": lambda: inventory.remove("ghost"),
@@ -156,8 +156,8 @@ def test_database_is_in_wal_mode_and_reopens(tmp_path: Path) -> None:
         assert (journal, second.get("alpha").name) == ("wal", "alpha")
 
 
-def _race_to_add(path: str, name: str, barrier: object, results: object) -> None:
-    barrier.wait(JOIN_SECONDS)  # type: ignore[attr-defined]  # a multiprocessing Barrier
+def _race_to_add(path: str, name: str, barrier: Any, results: Any) -> None:
+    barrier.wait(JOIN_SECONDS)
     try:
         with Inventory(Path(path)) as inv:
             inv.add(Server(name=name, playbook="minetest", provider=f"p{os.getpid()}"))
@@ -166,7 +166,7 @@ def _race_to_add(path: str, name: str, barrier: object, results: object) -> None
         outcome = "conflict"
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the test
         outcome = f"{type(exc).__name__}: {exc}"
-    results.put(outcome)  # type: ignore[attr-defined]  # a multiprocessing Queue
+    results.put(outcome)
 
 
 def test_concurrent_add_of_one_name_has_one_winner(tmp_path: Path) -> None:

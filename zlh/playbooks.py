@@ -16,7 +16,7 @@ import string
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -178,7 +178,7 @@ class SystemArtifact(Model):
 
 
 Artifact = Annotated[
-    Union[NpmArtifact, UrlArtifact, SystemArtifact], Field(discriminator="source")
+    NpmArtifact | UrlArtifact | SystemArtifact, Field(discriminator="source")
 ]
 
 
@@ -282,7 +282,7 @@ class MinecraftProbeDef(PortProbe):
 
 
 ProbeDef = Annotated[
-    Union[LogProbe, TcpProbeDef, HttpProbe, MinecraftProbeDef], Field(discriminator="type")
+    LogProbe | TcpProbeDef | HttpProbe | MinecraftProbeDef, Field(discriminator="type")
 ]
 
 
@@ -408,10 +408,12 @@ class Playbook(Model):
                 yield Problem(loc + ("port",), self._unknown_port(process.port))
             for which in ("readiness", "liveness"):
                 probe = getattr(process, which)
-                if isinstance(probe, PortProbe):
+                if isinstance(probe, (TcpProbeDef, MinecraftProbeDef)):
                     yield from self._probe_problems(probe, process, loc + (which,))
 
-    def _probe_problems(self, probe: PortProbe, process: ProcessDef, loc: Loc) -> Iterator[Problem]:
+    def _probe_problems(
+        self, probe: TcpProbeDef | MinecraftProbeDef, process: ProcessDef, loc: Loc
+    ) -> Iterator[Problem]:
         port = probe.port or process.port
         if probe.port is None and port is not None and port not in self.ports:
             return  # the process's own port is already reported
@@ -633,10 +635,7 @@ def _fill(playbook: Playbook, loc: Loc, mapping: Mapping[str, str]) -> str:
 def _lookup(playbook: Playbook, loc: Loc) -> str:
     node: Any = playbook
     for part in loc:
-        if isinstance(node, BaseModel):
-            node = getattr(node, str(part))
-        else:
-            node = node[part]
+        node = getattr(node, str(part)) if isinstance(node, BaseModel) else node[part]
     return str(node)
 
 
