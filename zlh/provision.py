@@ -55,6 +55,7 @@ AGENT_START_TIMEOUT = 30.0
 # land in the server root as launcher.js. When playbook files can name packaged data
 # files, this table moves into the playbooks.
 LAUNCHERS = {"flying-squid": "squid-launcher.js"}
+DATA = Path(__file__).parent / "data"
 PROVIDER = "local"
 
 StepCallback = Callable[[str, str], None]
@@ -380,12 +381,9 @@ def _install_artifact(artifact: Any, root: Path, cache: Path, allow_unpinned: bo
 
 def _copy_launcher(package: str, root: Path) -> None:
     """Put the launcher zlh ships for an npm package (if any) into the server root."""
-    from importlib.resources import files
-
     launcher = LAUNCHERS.get(package)
     if launcher is not None:
-        source = files("zlh") / "data" / launcher
-        (root / "launcher.js").write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+        shutil.copyfile(DATA / launcher, root / "launcher.js")
 
 
 def _games_ready(status: Status) -> bool:

@@ -25,7 +25,9 @@ def console() -> Any:
     if _console is None:
         from rich.console import Console
 
-        _console = Console(highlight=False, soft_wrap=True)
+        # Piped output (grep, cron mail) is not cut at 80 columns.
+        width = None if sys.stdout.isatty() else 200
+        _console = Console(highlight=False, soft_wrap=True, width=width)
     return _console
 
 
