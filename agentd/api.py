@@ -113,6 +113,9 @@ def create_app(agent: Agent, token: str) -> ASGIApp:
         result = {"name": name, "action": verb, "state": sup.state, "pid": sup.pid}
         return Response(json.dumps(result), media_type=JSON)
 
+    async def process_detail(request: Request) -> Response:
+        return _json(agent.supervisor(request.path_params["name"]).detail())
+
     async def console_read(request: Request) -> Response:
         console = agent.supervisor(request.path_params["name"]).console
         after = _int_param(request, "after", -1)
@@ -136,6 +139,7 @@ def create_app(agent: Agent, token: str) -> ASGIApp:
         Route("/v1/spec", put_spec, methods=["PUT"]),
         Route("/v1/provisioning", get_provisioning, methods=["GET"]),
         Route("/v1/provisioning", put_provisioning, methods=["PUT"]),
+        Route("/v1/processes/{name}", process_detail, methods=["GET"]),
         Route("/v1/processes/{name}/console", console_read, methods=["GET"]),
         Route("/v1/processes/{name}/console", console_write, methods=["POST"]),
         Route("/v1/processes/{name}/{action:str}", action, methods=["POST"]),

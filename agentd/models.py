@@ -179,6 +179,14 @@ class ProcessStatus(BaseModel):
     rss_bytes: int | None = None
 
 
+class ProcessDetail(ProcessStatus):
+    """`GET /v1/processes/{name}`: the status plus the crash history and the spec."""
+
+    crashes: list[CrashRecord] = Field(default_factory=list, description="oldest first")
+    console_log_error: str | None = None
+    spec: ProcessSpec
+
+
 class Provisioning(Model):
     state: Literal["pending", "running", "complete", "failed"] = "pending"
     step: str | None = None

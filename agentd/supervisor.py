@@ -30,6 +30,7 @@ from agentd.logs import fields
 from agentd.models import (
     CrashRecord,
     LogProbe,
+    ProcessDetail,
     ProcessSpec,
     ProcessState,
     ProcessStatus,
@@ -157,6 +158,12 @@ class Supervisor:
             port=self.spec.port,
             cpu_percent=usage[0] if usage else None,
             rss_bytes=usage[1] if usage else None,
+        )
+
+    def detail(self) -> ProcessDetail:
+        return ProcessDetail(
+            **self.status().model_dump(by_alias=True), crashes=list(self.crashes),
+            console_log_error=self.console.log_error, spec=self.spec,
         )
 
     def child_identity(self) -> tuple[int, float] | None:

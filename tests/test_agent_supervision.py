@@ -91,6 +91,8 @@ def test_crash_classes_backoff_then_fatal(agent, args, crash_class, code, signam
     assert proc["restarts"] == 2
     states = [e["state"] for e in agent.events("state") if e.get("process") == "game"]
     assert states.count("backoff") == 2 and states[-1] == "fatal"
+    history = agent.client.get("/v1/processes/game").json()["crashes"]
+    assert [c["class"] for c in history] == [crash_class] * 3
     crashes = [e for e in agent.events("crash") if e["process"] == "game"]
     assert len(crashes) == 3 and {c["crash_class"] for c in crashes} == {crash_class}
 
@@ -223,3 +225,21 @@ def test_spec_and_state_survive_agent_restart(tmp_path):
         assert again.client.get("/v1/spec").json()["processes"][0]["name"] == "game"
     finally:
         again.stop()
+
+
+def test_tcp_readiness_probe(agent):
+    port = free_port()
+    agent.put_spec(game(argv=fake("--http-port", str(port), "--ready-after", "0.5"),
+                        readiness={"type": "tcp", "port": port, "interval": 0.1}))
+    proc = agent.wait_state("game", "running", ready=True)
+    assert proc["port"] is None and proc["pid"]
+
+
+def test_agent_sigterm_stops_processes_gracefully(tmp_path):
+    box = AgentProcess(tmp_path / "box").start()
+    box.put_spec(game())
+    pid = box.wait_state("game", "running")["pid"]
+    assert box.stop() == 0
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    assert "Stopping the server" in (tmp_path / "box/state/console/game.log").read_text()
+    assert not box.events("stop_escalate")
