@@ -7,8 +7,10 @@ token lives only in the request headers: it is never part of a message, a repr o
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,6 +48,7 @@ class AgentClient:
             headers={"Authorization": f"Bearer {token}"},
             timeout=timeout,
             transport=transport,
+            verify=_tls_context(),
         )
 
     def __repr__(self) -> str:
@@ -137,6 +140,22 @@ class AgentClient:
             reason = type(exc).__name__
         log.debug("agent %s unreachable: %r", self.base_url, exc)
         return AgentUnreachableError(f"agent at {self.base_url} does not answer ({reason})")
+
+
+def prepare() -> None:
+    """Build what every client shares, once, before clients are made in threads.
+
+    Imports and the TLS context done by 32 threads at once contend on the import lock and
+    the GIL: `zlh status` over 50 servers took 1.0 s instead of 0.15 s without this.
+    """
+    _tls_context()
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    # Building a context with the CA bundle costs ~20 ms; `zlh status` makes one client
+    # per server, so they share one.
+    return httpx.create_ssl_context()
 
 
 def _record(line: str | bytes) -> ConsoleRecord:

@@ -149,9 +149,12 @@ def server_status(name: str) -> ServerStatus:
 
 def fleet_status() -> list[ServerStatus]:
     """Every server's status; the agents are asked concurrently."""
+    from zlh.agent_client import prepare
+
     every = records.list_all()
     if not every:
         return []
+    prepare()
     with ThreadPoolExecutor(max_workers=min(32, len(every))) as pool:
         return list(pool.map(_status_of, every))
 
