@@ -101,7 +101,7 @@ class AgentClient:
 
     def follow(self, name: str, after: int = -1) -> Iterator[ConsoleRecord]:
         """Stream console records as they come; ends when the agent closes the stream."""
-        params = {"after": after, "follow": "true"}
+        params: dict[str, str | int] = {"after": after, "follow": "true"}
         url = f"/v1/processes/{name}/console"
         timeout = httpx.Timeout(self._http.timeout.connect, read=None)
         try:

@@ -233,10 +233,10 @@ class _Run:
         if step == "registered" or records.find(self.request.name) is None:
             return  # not registered by this run: nothing of ours to record
         records.update(self.request.name, "failed", f"{step}: {message}", status="failed")
-        self._tell_agent("failed", step, message)
+        self._tell_agent_failed(step, message)
 
-    def _tell_agent(self, state: str, step: str, error: str | None = None) -> None:
-        """Best effort: mirror the provisioning state into the agent, when it runs."""
+    def _tell_agent_failed(self, step: str, error: str) -> None:
+        """Best effort: mirror the failure into the agent's provisioning state, if it runs."""
         from agentd.models import Provisioning
         from zlh.servers import agent_client
 
@@ -244,7 +244,7 @@ class _Run:
             return
         try:
             with agent_client(self.record) as client:
-                client.set_provisioning(Provisioning(state=state, step=step, error=error))
+                client.set_provisioning(Provisioning(state="failed", step=step, error=error))
         except ZlhError as exc:
             log.warning("could not record provisioning state in the agent: %s", exc)
 
