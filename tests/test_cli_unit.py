@@ -332,7 +332,8 @@ def test_delete_without_a_tty_needs_yes(zlh, home, agents) -> None:
          "--set max_players=many: expected an integer"),
         (["minetest", "x", "--set", "max_players"], 2, "--set max_players: expected KEY=VALUE"),
         (["minetest", "Bad_Name"], 2, "invalid server name 'Bad_Name'"),
-        (["minecraft-paper", "x", "--set", "eula=true"], 2, "is unpinned (no sha256 known); pass --allow-unpinned"),
+        (["minecraft-paper", "x", "--set", "eula=true"], 2,
+         "is unpinned (no sha256 known); pass --allow-unpinned"),
     ],
     ids=["unknown-playbook", "unknown-key", "wrong-type", "no-equals", "bad-name", "unpinned"],
 )

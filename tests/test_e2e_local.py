@@ -18,7 +18,6 @@ from typing import Any
 
 import psutil
 import pytest
-
 from tests.components import flying_squid_cache, minetest_server, wait_until
 
 pytestmark = pytest.mark.slow

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from zlh import records
 from zlh.errors import (
     AgentRequestError,
     AgentUnreachableError,
-    ConflictError,
     NotFoundError,
     ZlhError,
 )
@@ -187,8 +184,8 @@ class DeleteResult:
 
 def delete_server(name: str) -> DeleteResult:
     """Stop the game processes, stop the agent, remove the container and the record."""
-    from zlh.providers import get_provider
     from zlh.paths import zlh_home
+    from zlh.providers import get_provider
 
     record = records.get(name)
     provider = get_provider(record.provider, zlh_home())
@@ -363,43 +360,15 @@ def _headroom_checks(status: Status) -> list[Check]:
     if status.disk is None:
         checks.append(Check("disk headroom", False, "the agent reports no disk"))
     else:
-        disk = status.disk
-        enough = disk.free_bytes >= MIN_FREE_DISK and (
-            disk.free_bytes >= MIN_FREE_DISK_FRACTION * disk.total_bytes
-        )
-        checks.append(
-            Check("disk headroom", enough, f"{size(disk.free_bytes)} free of {size(disk.total_bytes)}")
-        )
+        free, total = status.disk.free_bytes, status.disk.total_bytes
+        enough = free >= MIN_FREE_DISK and free >= MIN_FREE_DISK_FRACTION * total
+        checks.append(Check("disk headroom", enough, f"{size(free)} free of {size(total)}"))
+
     if status.resources is None:
         checks.append(Check("memory headroom", False, "the agent reports no memory"))
     else:
         free = status.resources.memory_available_bytes
         total = status.resources.memory_total_bytes
-        checks.append(
-            Check("memory headroom", free >= MIN_FREE_MEMORY, f"{size(free)} available of {size(total)}")
-        )
+        detail = f"{size(free)} available of {size(total)}"
+        checks.append(Check("memory headroom", free >= MIN_FREE_MEMORY, detail))
     return checks
-
-
-# -- waiting ---------------------------------------------------------------------------
-
-
-def wait_for(
-    predicate: Callable[[], Any], timeout: float, interval: float = 0.2
-) -> Any:
-    """Poll `predicate` until it returns something truthy or `timeout` passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(interval)
-
-
-def ensure_absent(name: str) -> None:
-    existing = records.find(name)
-    if existing is not None:
-        raise ConflictError(
-            f"server {name} already exists (playbook {existing.playbook}); "
-            f"use `zlh delete {name}` first"
-        )

@@ -14,7 +14,8 @@ def list_playbooks(json_output: bool = typer.Option(False, "--json", help="Print
     """The playbooks zlh can provision."""
     from zlh import render
     from zlh.cli import want_json
-    from zlh.playbooks import list_playbooks as names, load_playbook
+    from zlh.playbooks import list_playbooks as names
+    from zlh.playbooks import load_playbook
 
     found = [load_playbook(name) for name in names()]
     summary = [

@@ -23,7 +23,8 @@ def provision(
     """Provision a server from a playbook; resumes an unfinished one."""
     from zlh import render
     from zlh.cli import want_json
-    from zlh.provision import ProvisionRequest, parse_values, provision as run_provision
+    from zlh.provision import ProvisionRequest, parse_values
+    from zlh.provision import provision as run_provision
 
     request = ProvisionRequest(
         playbook=playbook,
