@@ -459,9 +459,21 @@ class Console:
         if start < ring_first:
             start = self._collect_old(start, ring_first, limit, out)
         if len(out) < limit and start < self._next_seq:
-            skip = start - ring_first
-            out += islice(self._ring, skip, skip + limit - len(out))
+            out += self._from_ring(start - ring_first, limit - len(out))
         return out
+
+    def _from_ring(self, skip: int, count: int) -> list[Line]:
+        """`count` records after the first `skip` of the ring.
+
+        A deque is walked from one end; live followers want its newest end, so walk from
+        there when that is shorter (one new line must not cost a walk over the whole ring).
+        """
+        from_end = len(self._ring) - skip
+        if skip <= from_end:
+            return list(islice(self._ring, skip, skip + count))
+        newest = list(islice(reversed(self._ring), from_end))
+        newest.reverse()
+        return newest[:count]
 
     def _collect_old(self, start: int, stop: int, limit: int, out: list[Record]) -> int:
         """Fill `out` for seqs in [start, stop) from the files, gaps where they lack lines.

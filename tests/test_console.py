@@ -245,6 +245,14 @@ def test_read_respects_limit(tmp_path: Path) -> None:
     assert console.read(after=9) == []
 
 
+def test_ring_reads_from_either_end_are_exact(tmp_path: Path) -> None:
+    console = Console("game", tmp_path, ring_size=100)
+    console.feed(numbered(0, 150))  # the ring holds 50..149
+    for after, limit in [(59, 5), (120, 5), (120, 100), (148, 5), (49, 3), (98, 1)]:
+        want = list(range(after + 1, min(after + 1 + limit, 150)))
+        assert [r.seq for r in console.read(after, limit)] == want, (after, limit)
+
+
 def test_tail_gives_the_last_texts(tmp_path: Path) -> None:
     console = Console("game", tmp_path, ring_size=5)
     console.feed(numbered(0, 8))
