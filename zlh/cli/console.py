@@ -65,14 +65,13 @@ def _attach(name: str) -> None:
     """Stream output in a thread; send what is typed; detach on Ctrl-C or Ctrl-D."""
     from zlh import console as core
 
-    stream = core.follow(name, backlog=INTERACTIVE_BACKLOG)
-    first = next(stream, None)  # fails here, before the banner, for unknown servers
-    sys.stderr.write(f"attached to {name}; Ctrl-C or Ctrl-D detaches, the server keeps running\n")
-    reader = threading.Thread(target=_pump, args=(first, stream), daemon=True)
-    reader.start()
-
-    client, process = core.connect(name)
+    client, process = core.connect(name)  # an unknown server fails here, before the banner
     with client:
+        sys.stderr.write(
+            f"attached to {name}; Ctrl-C or Ctrl-D detaches, the server keeps running\n"
+        )
+        stream = core.follow(name, backlog=INTERACTIVE_BACKLOG)
+        threading.Thread(target=_pump, args=(stream,), daemon=True).start()
         try:
             while True:
                 line = input()
@@ -92,12 +91,10 @@ def _send_line(client: Any, process: str, line: str) -> None:
         sys.stderr.write(f"zlh: error: {exc}\n")
 
 
-def _pump(first: Any, stream: Iterable[Any]) -> None:
+def _pump(stream: Iterable[Any]) -> None:
     from zlh.errors import ZlhError
 
     try:
-        if first is not None:
-            _print_records([first], False)
         _print_records(stream, False)
     except ZlhError as exc:
         sys.stderr.write(f"zlh: error: {exc}\n")
