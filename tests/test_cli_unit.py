@@ -461,3 +461,29 @@ def test_ctrl_c_leaves_the_last_step_and_says_how_to_resume(zlh, monkeypatch) ->
     )
     [server] = json.loads(zlh("servers", "list", "--json").out)
     assert (server["step"], server["status"]) == ("registered", "provisioning")
+
+
+def test_a_taken_game_port_is_named_and_recorded(zlh, monkeypatch) -> None:
+    import socket
+
+    from zlh import ports, provision
+    from zlh.providers.local import LocalProvider
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        handed_out = iter([ports.free_port(), taken])
+        monkeypatch.setattr(ports, "free_port", lambda *args: next(handed_out))
+        monkeypatch.setattr(provision, "_install_artifact", lambda *args: None)
+        monkeypatch.setattr(LocalProvider, "start_agent", lambda *args, **kwargs: None)
+
+        result = zlh("provision", "minecraft-squid", "alpha")
+
+    assert result.code == 5
+    assert result.err == (
+        "zlh: error: provisioning alpha: step spec-applied failed: port "
+        f"{taken}/tcp (game of alpha) on 127.0.0.1 is already in use\n"
+    )
+    [server] = json.loads(zlh("servers", "list", "--json").out)
+    assert (server["step"], server["status"]) == ("agent-started", "failed")
