@@ -18,7 +18,7 @@ from typing import Any
 
 import psutil
 import pytest
-from tests.components import flying_squid_cache, minetest_server, wait_until
+from components import cache_root, flying_squid_cache, minetest_server, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -106,8 +106,9 @@ def zlh(tmp_path: Path) -> Iterator[Operator]:
 
 @pytest.fixture
 def squid_zlh(zlh: Operator) -> Operator:
-    # The npm cache is shared between tests: flying-squid is installed from it.
-    (zlh.home / "cache").symlink_to(flying_squid_cache(), target_is_directory=True)
+    # The tests' npm cache (flying-squid built once) serves as every ZLH_HOME's cache.
+    flying_squid_cache()
+    (zlh.home / "cache").symlink_to(cache_root(), target_is_directory=True)
     return zlh
 
 

@@ -392,11 +392,20 @@ def _games_ready(status: Status) -> bool:
 
 
 def _raise_if_fatal(status: Status) -> None:
+    from zlh.console import strip_ansi
+
     for process in status.processes:
-        if process.kind == "game" and process.state == "fatal":
-            crash = process.last_crash
-            why = f"last crash: {crash.crash_class} {crash.detail}".strip() if crash else ""
-            raise ProvisionError(f"{process.name} gave up restarting (fatal); {why}")
+        if process.kind != "game" or process.state != "fatal":
+            continue
+        why = ""
+        crash = process.last_crash
+        if crash is not None:
+            why = f"; last crash: {crash.crash_class} ({crash.detail})"
+            said = [strip_ansi(line).strip() for line in crash.last_lines]
+            said = [line for line in said if line]
+            if said:
+                why += f"; its last line: {said[-1]}"
+        raise ProvisionError(f"{process.name} gave up restarting (fatal){why}")
 
 
 def _game_states(status: Status) -> str:
