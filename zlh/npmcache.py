@@ -88,8 +88,13 @@ def ensure_cached(
     sha256: str | None,
     cache_root: Path,
     allow_unpinned: bool = False,
+    extra_env: dict[str, str] | None = None,
 ) -> Path:
-    """Return the complete cache entry of PACKAGE@VERSION, building it the first time."""
+    """Return the complete cache entry of PACKAGE@VERSION, building it the first time.
+
+    `extra_env` is added to npm's environment (a package whose install scripts need
+    settings of their own, such as code-server's).
+    """
     pin = _check_request(package, version, sha256, allow_unpinned)
     npm_dir = Path(cache_root) / "npm"
     npm_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +106,7 @@ def ensure_cached(
     with _locked(npm_dir / f".{key}.lock"):
         if not entry.is_dir():
             _remove_stale_work(npm_dir, key)
-            _build_entry(package, version, pin, entry)
+            _build_entry(package, version, pin, entry, extra_env or {})
     _verify_entry(entry, package, version, pin)
     return entry
 
@@ -123,7 +128,9 @@ def _check_request(
     return pin
 
 
-def _build_entry(package: str, version: str, pin: str | None, entry: Path) -> None:
+def _build_entry(
+    package: str, version: str, pin: str | None, entry: Path, extra_env: dict[str, str]
+) -> None:
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
     try:
@@ -147,6 +154,7 @@ def _build_entry(package: str, version: str, pin: str | None, entry: Path) -> No
         _run_npm(
             ["install", "--no-audit", "--no-fund", "--omit=dev", f"./{local_tgz.name}"],
             cwd=staged,
+            extra_env=extra_env,
         )
         if not (staged / "node_modules" / package / "package.json").is_file():
             raise ProvisionError(f"npm install left no node_modules/{package} in {staged}")
@@ -234,7 +242,7 @@ def npm_environment() -> dict[str, str]:
     return env
 
 
-def _run_npm(args: list[str], cwd: Path) -> str:
+def _run_npm(args: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> str:
     npm = shutil.which("npm")
     if npm is None:
         raise ProvisionError("npm is not installed (Debian: apt-get install -y nodejs npm)")
@@ -244,7 +252,7 @@ def _run_npm(args: list[str], cwd: Path) -> str:
         done = subprocess.run(
             command,
             cwd=cwd,
-            env=npm_environment(),
+            env={**npm_environment(), **(extra_env or {})},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
