@@ -130,11 +130,30 @@ class ProcessSpec(Model):
         return value
 
 
+class BackupStep(Model):
+    """A quiesce step: a console line to send, or a console regex to wait for."""
+
+    send: str | None = Field(None, min_length=1, max_length=4096)
+    wait_for: str | None = Field(None, min_length=1)
+    timeout: float = Field(60.0, gt=0, le=3600, description="wait_for: seconds")
+
+
+class BackupSpec(Model):
+    """The backup policy: what to archive and how to quiesce the process around it."""
+
+    process: str | None = Field(None, pattern=NAME_PATTERN, description="to quiesce")
+    paths: list[str] = Field(min_length=1, description="relative to the server root")
+    exclude: list[str] = Field(default_factory=list, description="gitignore-style")
+    quiesce: list[BackupStep] = Field(default_factory=list)
+    resume: list[str] = Field(default_factory=list, description="console lines")
+
+
 class ServerSpec(Model):
     """What `PUT /v1/spec` carries: the desired server."""
 
     playbook: str | None = None
     processes: list[ProcessSpec] = Field(default_factory=list, max_length=32)
+    backup: BackupSpec | None = None
 
     @field_validator("processes")
     @classmethod

@@ -31,6 +31,8 @@ from pydantic import (
 
 from agentd.models import (
     NAME_PATTERN,
+    BackupSpec,
+    BackupStep,
     HttpProbe,
     LogProbe,
     MinecraftProbe,
@@ -599,10 +601,22 @@ def render(
         for name in playbook.processes
     ]
     try:
-        spec = ServerSpec(playbook=playbook.name, processes=processes)
+        spec = ServerSpec(playbook=playbook.name, processes=processes,
+                          backup=_render_backup(playbook))
     except ValidationError as exc:
         raise ConfigError(f"playbook {playbook.name} renders an invalid spec: {exc}") from None
     return RenderedServer(playbook.name, root, resolved, dict(ports), files, spec)
+
+
+def _render_backup(playbook: Playbook) -> BackupSpec | None:
+    """The agent's backup policy; it quiesces the first game process."""
+    if playbook.backup is None:
+        return None
+    games = [name for name, p in playbook.processes.items() if p.kind == "game"]
+    steps = [BackupStep(**step.model_dump()) for step in playbook.backup.quiesce]
+    return BackupSpec(process=games[0] if games else None, paths=playbook.backup.paths,
+                      exclude=playbook.backup.exclude, quiesce=steps,
+                      resume=playbook.backup.resume)
 
 
 def _check_inputs(playbook: Playbook, ports: Mapping[str, int], root: Path) -> None:
