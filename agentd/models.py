@@ -113,6 +113,11 @@ class ProcessSpec(Model):
     argv: list[str] = Field(min_length=1)
     cwd: str | None = Field(None, description="relative to the server root, or absolute")
     env: dict[str, str] = Field(default_factory=dict)
+    env_files: dict[str, str] = Field(
+        default_factory=dict,
+        description="VAR -> file relative to the container root, read at each spawn: "
+                    "secrets stay out of the spec, its API answers and the logs",
+    )
     user: str | None = None
     autostart: bool = True
     startup_timeout: float = Field(120.0, gt=0, le=3600)
@@ -127,6 +132,16 @@ class ProcessSpec(Model):
     def _no_empty_program(cls, value: list[str]) -> list[str]:
         if not value[0]:
             raise ValueError("argv[0] must not be empty")
+        return value
+
+    @field_validator("env_files")
+    @classmethod
+    def _files_inside_root(cls, value: dict[str, str]) -> dict[str, str]:
+        for var, path in value.items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var):
+                raise ValueError(f"{var!r} is not an environment variable name")
+            if not path or path.startswith("/") or ".." in path.split("/"):
+                raise ValueError(f"{var}: {path!r} must be relative to the container root")
         return value
 
 
@@ -153,6 +168,9 @@ class ServerSpec(Model):
 
     playbook: str | None = None
     processes: list[ProcessSpec] = Field(default_factory=list, max_length=32)
+    disk_limit_bytes: int | None = Field(
+        None, ge=1, description="the tier's disk: the agent warns at 90% of it"
+    )
     backup: BackupSpec | None = None
 
     @field_validator("processes")
@@ -225,6 +243,9 @@ class Disk(BaseModel):
     total_bytes: int
     used_bytes: int
     free_bytes: int
+    tree_bytes: int | None = Field(None, description="what the server root holds")
+    limit_bytes: int | None = Field(None, description="the spec's disk_limit_bytes")
+    warning: str | None = Field(None, description="set from 90% of the limit on")
 
 
 class AgentInfo(BaseModel):
