@@ -97,6 +97,7 @@ class Agent:
                     log_backups=self.config.console_log_backups,
                 )
                 sup = Supervisor(proc_spec, console, self.config.server_root)
+                sup.container_root = self.config.root
                 self.supervisors[name] = sup
                 created.append(sup)
             self.spec = spec

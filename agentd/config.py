@@ -18,6 +18,7 @@ class AgentConfig(BaseModel):
     token_file: Path = Path("/etc/zlh/agent.token")
     state_dir: Path = Path("/var/lib/zlh")
     server_root: Path = Path("/srv/zlh")
+    root: Path = Field(Path("/"), description="the container's root; env_files are in it")
     console_ring: int = Field(10_000, ge=100, le=1_000_000)
     console_log_max_bytes: int = Field(16 * 2**20, ge=4096)
     console_log_backups: int = Field(3, ge=0, le=100)
@@ -48,6 +49,7 @@ def load_config(path: Path) -> AgentConfig:
             "token_file": base / config.token_file,
             "state_dir": base / config.state_dir,
             "server_root": base / config.server_root,
+            "root": base / config.root,
         }
     )
 

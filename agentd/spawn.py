@@ -60,6 +60,19 @@ class Launch:
     cwd: Path
     env: dict[str, str]
     user: str | None
+    env_files: tuple[tuple[str, Path], ...] = ()  # (VAR, absolute path)
+
+
+def read_env_files(files: tuple[tuple[str, Path], ...]) -> dict[str, str]:
+    """Variables whose values live in files (secrets): read by the agent at each spawn,
+    before dropping privileges, and never logged."""
+    values = {}
+    for var, path in files:
+        try:
+            values[var] = path.read_text().strip()
+        except OSError as exc:
+            raise SpawnError(f"cannot read {var} from {path}: {exc.strerror}") from None
+    return values
 
 
 def build_env(extra: dict[str, str], user: pwd.struct_passwd | None) -> dict[str, str]:
@@ -103,7 +116,7 @@ def _child_setup() -> None:
 def spawn(launch: Launch) -> Child:
     user = _resolve_user(launch.user)
     marker = secrets.token_hex(8)
-    env = build_env(launch.env, user)
+    env = build_env({**launch.env, **read_env_files(launch.env_files)}, user)
     env[MARKER_VAR] = marker
     if not launch.cwd.is_dir():
         raise SpawnError(f"working directory {launch.cwd} does not exist")

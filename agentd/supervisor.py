@@ -52,6 +52,7 @@ class Supervisor:
         self.spec = spec
         self.console = console
         self.server_root = server_root
+        self.container_root = Path("/")  # env_files are relative to it
         self.state: ProcessState = "stopped"
         self.ready = False
         self.restarts = 0
@@ -177,7 +178,9 @@ class Supervisor:
         self._kill_reason = None
         self.backoff_until = None
         cwd = self.server_root / (self.spec.cwd or ".")
-        launch = Launch(self.spec.argv, cwd, self.spec.env, self.spec.user)
+        files = tuple((var, self.container_root / path)
+                      for var, path in self.spec.env_files.items())
+        launch = Launch(self.spec.argv, cwd, self.spec.env, self.spec.user, files)
         try:
             self._oom_before = oom_kill_count()
             child = spawn(launch)
