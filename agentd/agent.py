@@ -5,6 +5,7 @@ State on disk (under the config's state_dir):
     spec.json            the last accepted ServerSpec
     provisioning.json    what the provisioner last reported
     console/NAME.log     each process's console (see console.py)
+    holders/NAME.*       each process's holder files and saved state (see spawn.py)
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ class Agent:
         self.supervisors: dict[str, Supervisor] = {}
         self.sampler = Sampler(config.server_root, config.sample_interval, self._pids)
         self._apply_lock = asyncio.Lock()
-        for folder in (config.state_dir, config.state_dir / "console", config.server_root):
+        self.holders = config.state_dir / "holders"
+        for folder in (config.state_dir, config.state_dir / "console", self.holders,
+                       config.server_root):
             folder.mkdir(parents=True, exist_ok=True)
 
     # -- life cycle ---------------------------------------------------------------------
@@ -96,7 +99,7 @@ class Agent:
                     log_max_bytes=self.config.console_log_max_bytes,
                     log_backups=self.config.console_log_backups,
                 )
-                sup = Supervisor(proc_spec, console, self.config.server_root)
+                sup = Supervisor(proc_spec, console, self.config.server_root, self.holders)
                 sup.container_root = self.config.root
                 self.supervisors[name] = sup
                 created.append(sup)
@@ -105,9 +108,18 @@ class Agent:
                 write_json_atomic(self.config.state_dir / "spec.json", spec.model_dump())
             log.info("spec_applied", extra=fields(processes=list(wanted)))
             for sup in created:
-                if sup.spec.autostart:
+                # A process a previous agent left running is taken up, not started twice.
+                if not sup.resume() and sup.spec.autostart:
                     await sup.start()
             return spec
+
+    def detach(self) -> None:
+        """Leave every process running under its holder (agent upgrade or restart)."""
+        self.sampler.stop()
+        for sup in self.supervisors.values():
+            sup.detach()
+            sup.console.close()
+        log.info("detached", extra=fields(processes=len(self.supervisors)))
 
     async def _remove(self, name: str) -> None:
         sup = self.supervisors.pop(name)

@@ -381,6 +381,11 @@ class Console:
         return self._next_seq - 1
 
     @property
+    def pending_bytes(self) -> int:
+        """Bytes of an unterminated line fed but not yet emitted (to re-read after a restart)."""
+        return len(self._held) + self._dropped
+
+    @property
     def log_error(self) -> str | None:
         """The last log write error (e.g. disk full), None while writes work."""
         return self._log_error

@@ -1,8 +1,10 @@
 """`agentd --config FILE`: load the config, start the supervisors, serve the API.
 
 Signals only set a flag; the main coroutine acts on it:
-  SIGTERM, SIGINT  stop every process gracefully (in parallel, with a deadline), then exit.
-  A second SIGTERM/SIGINT during that shutdown kills what is left at once.
+  SIGTERM, SIGINT  stop every process gracefully (in parallel, with a deadline), then exit
+                   (a container shutdown). A second one during that kills what is left.
+  SIGUSR2          exit and leave every process running under its holder (an agent
+                   upgrade or restart); the next agent reattaches to them.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ async def run(config: AgentConfig, token: str) -> None:
         stop_requested.set()
 
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
         loop.add_signal_handler(signum, on_signal, signum)
 
     await agent.open()
@@ -75,6 +77,12 @@ async def run(config: AgentConfig, token: str) -> None:
     # Shutdown, in order: stop the processes (the API keeps answering status while
     # they stop, so an operator can watch), then close the API, then exit.
     log.info("signal", extra=fields(signal=signal.Signals(signals_seen[0]).name))
+    if signals_seen[0] == signal.SIGUSR2:
+        agent.detach()
+        server.should_exit = True
+        await serving
+        log.info("stopped", extra=fields(mode="detach"))
+        return
     stopping = asyncio.create_task(agent.shutdown(config.shutdown_deadline))
     while not stopping.done():
         stop_requested.clear()

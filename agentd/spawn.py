@@ -1,24 +1,30 @@
-"""Start a supervised process on a pseudo-terminal.
+"""Start a supervised process through its holder, or find it again after a restart.
 
-The child gets a PTY as stdin, stdout and stderr (line-buffered output, as on a
-terminal), its own session and process group, a clean environment with a marker that
-its descendants inherit, and, when the agent is root, the spec's user.
+The one place the agent starts supervised programs. Each program runs under a small
+holder (agentd/holder.py) that owns its PTY, drains it into a spool and records its
+exit status, so the program outlives the agent. The child gets a clean environment
+with a marker that its descendants inherit, and, when the agent is root, the spec's
+user. Files per process, in the holders folder:
 
-This is the one place the agent starts supervised programs. A later holder process
-that keeps the PTY across agent restarts would return the same `Child` shape.
+    NAME.json            who: holder and program identities (pid + start time), marker
+    NAME.sock            the holder's socket: input lines in, tick bytes out
+    NAME.spool.OFFSET    raw output segments; NAME.offset: how far the console has read
+    NAME.exit            the program's wait status, written by the holder
 """
 
 from __future__ import annotations
 
-import fcntl
+import json
 import logging
 import os
 import pwd
 import secrets
-import struct
+import select
+import signal
+import socket
 import subprocess
-import termios
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from agentd.logs import fields
@@ -27,31 +33,12 @@ from agentd.proctree import MARKER_VAR, Identity
 log = logging.getLogger(__name__)
 
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-WINDOW = struct.pack("HHHH", 50, 200, 0, 0)
+HOLDER = Path(__file__).with_name("holder.py")
+HOLDER_START_TIMEOUT = 15.0
 
 
 class SpawnError(Exception):
     """The program could not be started (missing binary, bad cwd, unknown user)."""
-
-
-@dataclass
-class Child:
-    popen: subprocess.Popen[bytes]
-    identity: Identity
-    marker: str
-    master_fd: int
-    pidfd: int
-    closed: bool = field(default=False)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            os.close(self.master_fd)
-            os.close(self.pidfd)
 
 
 @dataclass(frozen=True)
@@ -76,22 +63,115 @@ def read_env_files(files: tuple[tuple[str, Path], ...]) -> dict[str, str]:
 
 
 def build_env(extra: dict[str, str], user: pwd.struct_passwd | None) -> dict[str, str]:
-    """A clean environment: nothing from the agent's own leaks into the child."""
-    env = {"PATH": SYSTEM_PATH, "LANG": "C.UTF-8", "TERM": "xterm-256color"}
-    if user is not None:
-        env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name,
-                   SHELL=user.pw_shell or "/bin/sh")
+    """A clean environment: nothing from the agent's own leaks into the child. The
+    identity variables describe the user it runs as (the agent's own when none is set)."""
+    who = user or pwd.getpwuid(os.geteuid())
+    env = {"PATH": SYSTEM_PATH, "LANG": "C.UTF-8", "TERM": "xterm-256color",
+           "HOME": who.pw_dir, "USER": who.pw_name, "LOGNAME": who.pw_name,
+           "SHELL": who.pw_shell or "/bin/sh"}
     env.update(extra)
     return env
 
 
-def _configure_pty(slave_fd: int) -> None:
-    attrs = termios.tcgetattr(slave_fd)
-    # No echo of input lines, and no "\n" -> "\r\n" translation on output.
-    attrs[1] &= ~termios.OPOST
-    attrs[3] &= ~(termios.ECHO | termios.ECHONL)
-    termios.tcsetattr(slave_fd, termios.TCSANOW, attrs)
-    fcntl.ioctl(slave_fd, termios.TIOCSWINSZ, WINDOW)
+class Spool:
+    """Reads a holder's output segments from a saved offset; deletes what is consumed."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.offset_path = base.with_name(base.name + ".offset")
+        try:
+            self.offset = int(self.offset_path.read_text() or 0)
+        except (FileNotFoundError, ValueError):
+            self.offset = 0
+        self._fd = os.open(self.offset_path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def _segments(self) -> list[tuple[int, Path]]:
+        prefix = self.base.name + ".spool."
+        found = []
+        for path in self.base.parent.glob(prefix + "*"):
+            suffix = path.name[len(prefix):]
+            if suffix.isdigit():
+                found.append((int(suffix), path))
+        return sorted(found)
+
+    def read(self, limit: int = 4 * 2**20) -> bytes:
+        """New output since the offset, at most `limit` bytes."""
+        chunks: list[bytes] = []
+        size = 0
+        segments = self._segments()
+        for index, (start, path) in enumerate(segments):
+            end = segments[index + 1][0] if index + 1 < len(segments) else None
+            if end is not None and end <= self.offset:
+                path.unlink(missing_ok=True)  # consumed and closed by the holder
+                continue
+            # A segment may start past the offset when the holder skipped bytes it
+            # could not write (disk full); those bytes are gone.
+            self.offset = max(self.offset, start)
+            with open(path, "rb") as handle:
+                handle.seek(self.offset - start)
+                data = handle.read(limit - size)
+            chunks.append(data)
+            size += len(data)
+            self.offset += len(data)
+            if size >= limit:
+                break
+        return b"".join(chunks)
+
+    def save(self, consumed: int) -> None:
+        """Remember how far output is safely in the console (a restart resumes here)."""
+        os.pwrite(self._fd, f"{consumed:020d}".encode(), 0)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+@dataclass
+class Child:
+    name: str
+    identity: Identity
+    holder: Identity
+    marker: str
+    folder: Path
+    sock: socket.socket
+    holder_pidfd: int
+    spool: Spool
+    closed: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.identity.pid
+
+    def send(self, data: bytes) -> bool:
+        try:
+            return self.sock.send(data) == len(data)
+        except OSError:
+            return False
+
+    def wait_status(self) -> int | None:
+        """The program's exit as a Popen-style code (negative: signal), None if unknown."""
+        try:
+            status = json.loads((self.folder / f"{self.name}.exit").read_text())["status"]
+        except (OSError, ValueError, KeyError):
+            return None
+        return os.waitstatus_to_exitcode(status)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.sock.close()
+            os.close(self.holder_pidfd)
+            self.spool.close()
+
+    def forget(self) -> None:
+        """The program is over: remove its holder files."""
+        self.close()
+        forget(self.folder, self.name)
+
+
+def forget(folder: Path, name: str) -> None:
+    for path in folder.glob(f"{name}.*"):
+        if path.name.split(".")[1] in ("json", "sock", "spool", "exit", "offset", "launch"):
+            path.unlink(missing_ok=True)
 
 
 def _resolve_user(name: str | None) -> pwd.struct_passwd | None:
@@ -106,38 +186,106 @@ def _resolve_user(name: str | None) -> pwd.struct_passwd | None:
     return entry
 
 
-def _child_setup() -> None:
-    # Runs in the child between fork and exec: become a session leader and take
-    # the PTY (already on fd 0) as the controlling terminal.
-    os.setsid()
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
-def spawn(launch: Launch) -> Child:
+def _start_holder(launch_file: Path) -> dict[str, int | str]:
+    info_r, info_w = os.pipe()
+    try:
+        starter = subprocess.Popen(
+            [sys.executable, "-S", "-I", str(HOLDER), str(launch_file), str(info_w)],
+            pass_fds=(info_w,), env={"PATH": SYSTEM_PATH}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+    finally:
+        os.close(info_w)
+    try:
+        starter.wait(HOLDER_START_TIMEOUT)  # the holder detaches at once
+        ready, _, _ = select.select([info_r], [], [], HOLDER_START_TIMEOUT)
+        line = os.read(info_r, 65536) if ready else b""
+    finally:
+        os.close(info_r)
+    try:
+        return json.loads(line)  # type: ignore[no-any-return]  # the holder's own JSON
+    except ValueError:
+        raise SpawnError("the process holder did not report back") from None
+
+
+def spawn(launch: Launch, folder: Path, name: str) -> Child:
     user = _resolve_user(launch.user)
+    if not launch.cwd.is_dir():
+        raise SpawnError(f"working directory {launch.cwd} does not exist")
+    forget(folder, name)
     marker = secrets.token_hex(8)
     env = build_env({**launch.env, **read_env_files(launch.env_files)}, user)
     env[MARKER_VAR] = marker
-    if not launch.cwd.is_dir():
-        raise SpawnError(f"working directory {launch.cwd} does not exist")
+    launch_file = folder / f"{name}.launch"
+    payload = {"dir": str(folder), "name": name, "argv": launch.argv,
+               "cwd": str(launch.cwd), "env": env, "user": launch.user}
+    _write_private(launch_file, json.dumps(payload).encode())
 
-    master_fd, slave_fd = os.openpty()
+    info = _start_holder(launch_file)
+    launch_file.unlink(missing_ok=True)
+    if "error" in info:
+        raise SpawnError(f"cannot start {launch.argv[0]}: {info['error']}")
+    program = Identity.of(int(info["pid"])) or Identity(int(info["pid"]), 0.0)
+    holder = Identity.of(int(info["holder"])) or Identity(int(info["holder"]), 0.0)
+    record = {"pid": [program.pid, program.started], "holder": [holder.pid, holder.started],
+              "marker": marker}
+    _write_private(folder / f"{name}.json", json.dumps(record).encode())
+    log.info("spawn", extra=fields(pid=program.pid, holder=holder.pid, argv=launch.argv,
+                                   cwd=str(launch.cwd)))
+    return _connect(folder, name, program, holder, marker)
+
+
+def _connect(folder: Path, name: str, program: Identity, holder: Identity,
+             marker: str) -> Child:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        _configure_pty(slave_fd)
-        drop = {} if user is None or os.geteuid() != 0 else {
-            "user": user.pw_uid, "group": user.pw_gid, "extra_groups": [],
-        }
-        popen = subprocess.Popen(
-            launch.argv, cwd=launch.cwd, env=env, stdin=slave_fd, stdout=slave_fd,
-            stderr=slave_fd, close_fds=True, preexec_fn=_child_setup, **drop,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        os.close(master_fd)
-        raise SpawnError(f"cannot start {launch.argv[0]}: {exc}") from None
-    finally:
-        os.close(slave_fd)
+        sock.connect(str(folder / f"{name}.sock"))
+    except OSError as exc:
+        sock.close()
+        # The holder is there but not listening: it is finishing (program exited).
+        if holder.alive():
+            os.kill(holder.pid, signal.SIGKILL)
+        raise SpawnError(f"cannot reach the holder of {name}: {exc}") from None
+    sock.setblocking(False)
+    return Child(name, program, holder, marker, folder, sock, os.pidfd_open(holder.pid),
+                 Spool(folder / name))
 
-    os.set_blocking(master_fd, False)
-    identity = Identity.of(popen.pid) or Identity(popen.pid, 0.0)
-    log.info("spawn", extra=fields(pid=popen.pid, argv=launch.argv, cwd=str(launch.cwd)))
-    return Child(popen, identity, marker, master_fd, os.pidfd_open(popen.pid))
+
+@dataclass(frozen=True)
+class Found:
+    """What an agent finds of a process after a restart."""
+
+    child: Child | None  # the holder is alive: reattached
+    status: int | None  # the holder is gone: the program's exit (None: unknown)
+    program: Identity | None
+    marker: str | None
+    spool: Spool | None
+
+
+def find(folder: Path, name: str) -> Found | None:
+    """Reattach to `name`'s holder, or report how its program ended; None if never run."""
+    try:
+        record = json.loads((folder / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    program = Identity(*record["pid"])
+    holder = Identity(*record["holder"])
+    if holder.alive():
+        try:
+            child = _connect(folder, name, program, holder, record["marker"])
+            return Found(child, None, program, record["marker"], None)
+        except SpawnError:
+            pass  # finishing as we looked: read its exit record below
+    exit_file = folder / f"{name}.exit"
+    status = None
+    if exit_file.exists():
+        status = os.waitstatus_to_exitcode(json.loads(exit_file.read_text())["status"])
+    return Found(None, status, program, record["marker"], Spool(folder / name))

@@ -6,15 +6,17 @@
                                           \\-> fatal (too many failures in the window)
 
 Power actions (start, stop, restart) are serialised by one lock; `kill` never waits
-for it. Every transition is logged once with the pid. The child's exit is noticed
-through a pidfd in the event loop, so there is no polling and no reaper thread.
+for it. Every transition is logged once with the pid and saved to `NAME.state` in the
+holders folder, so a restarted agent takes up where the last one left. The program
+runs under a holder (see spawn.py); its end is noticed through the holder's pidfd in
+the event loop, so there is no polling and no reaper thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
+import json
 import logging
 import os
 import random
@@ -37,22 +39,24 @@ from agentd.models import (
 )
 from agentd.probes import LogWatch, check
 from agentd.proctree import oom_kill_count, signal_leader, signal_tree
-from agentd.spawn import Child, Launch, SpawnError, spawn
+from agentd.spawn import Child, Found, Launch, SpawnError, find, spawn
+from agentd.spawn import forget as forget_files
 
 log = logging.getLogger(__name__)
 
 CRASH_HISTORY = 20
 CRASH_LINES = 20
-READ_BURST = 16  # PTY reads per wake-up: drain a flood in few loop iterations
+READ_BURST = 16  # spool reads per wake-up: a flood is drained in few loop iterations
 
 
 class Supervisor:
     def __init__(self, spec: ProcessSpec, console: Console, server_root: Path,
-                 on_change: Callable[[], None] = lambda: None) -> None:
+                 holders: Path, on_change: Callable[[], None] = lambda: None) -> None:
         self.spec = spec
         self.console = console
         self.server_root = server_root
         self.container_root = Path("/")  # env_files are relative to it
+        self.holders = holders
         self.state: ProcessState = "stopped"
         self.ready = False
         self.restarts = 0
@@ -69,6 +73,8 @@ class Supervisor:
         self._stop_sent = False  # the stop command went in through the console
         self._kill_reason: str | None = None  # startup-timeout or hung, when we killed it
         self._sent_sigkill = False
+        self._holder_lost = False
+        self._wanted = False  # the operator wants it up: false after stop or kill
         self._oom_before: int | None = None
         self._failures: deque[float] = deque()
         self._streak = 0  # crashes since the last stable run; sets the backoff delay
@@ -84,10 +90,12 @@ class Supervisor:
             self._cancel_backoff()
             self._failures.clear()
             self._streak = 0
+            self._wanted = True
             self._spawn()
 
     async def stop(self) -> None:
         self._cancel_backoff()
+        self._wanted = False
         async with self._lock:
             if self.state in ("backoff", "fatal"):
                 self._transition("stopped")
@@ -104,6 +112,7 @@ class Supervisor:
     async def kill(self) -> None:
         """SIGKILL to the whole tree, now; no restart follows."""
         self._cancel_backoff()
+        self._wanted = False
         if self.state in ("backoff", "fatal"):
             self._transition("stopped")
         child, exited = self._child, self._exited
@@ -119,11 +128,7 @@ class Supervisor:
         if child is None or self.state not in ("starting", "running"):
             raise Conflict(f"process {self.spec.name!r} is {self.state}; it takes no input")
         data = (line + "\n").encode()
-        try:
-            written = os.write(child.master_fd, data)
-        except BlockingIOError:
-            written = 0
-        if written != len(data):
+        if not child.send(data):
             raise Conflict(f"process {self.spec.name!r} is not reading its input")
         if self.spec.stop.command is not None and line.strip() == self.spec.stop.command:
             self._stop_sent = True
@@ -174,7 +179,7 @@ class Supervisor:
     # -- spawning -----------------------------------------------------------------------
 
     def _spawn(self) -> None:
-        self._expect_exit = self._stop_sent = self._sent_sigkill = False
+        self._expect_exit = self._stop_sent = self._sent_sigkill = self._holder_lost = False
         self._kill_reason = None
         self.backoff_until = None
         cwd = self.server_root / (self.spec.cwd or ".")
@@ -183,49 +188,59 @@ class Supervisor:
         launch = Launch(self.spec.argv, cwd, self.spec.env, self.spec.user, files)
         try:
             self._oom_before = oom_kill_count()
-            child = spawn(launch)
+            child = spawn(launch, self.holders, self.spec.name)
         except SpawnError as exc:
             self.console.note(f"[zlh] {exc}")
             self._crashed("spawn-failed", None, None, 0.0, str(exc))
             return
-        loop = asyncio.get_running_loop()
-        self._child, self._exited = child, loop.create_future()
         self._started_at = time.time()
-        loop.add_reader(child.master_fd, self._drain, child)
-        loop.add_reader(child.pidfd, self._reap, child)
+        self._attach(child)
         self._transition("starting")
         self._start_probes(child)
 
-    def _drain(self, child: Child) -> None:
-        for _ in range(READ_BURST):
-            try:
-                data = os.read(child.master_fd, 65536)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno != errno.EIO:  # EIO: every writer of the PTY is gone
-                    log.warning("console_read_failed",
-                                extra=fields(process=self.spec.name, error=str(exc)))
-                asyncio.get_running_loop().remove_reader(child.master_fd)
-                return
+    def _attach(self, child: Child) -> None:
+        loop = asyncio.get_running_loop()
+        self._child, self._exited = child, loop.create_future()
+        loop.add_reader(child.sock, self._on_tick, child)
+        loop.add_reader(child.holder_pidfd, self._reap, child)
+        self._pump(child)
+
+    def _on_tick(self, child: Child) -> None:
+        # The ticks only say "there is output"; the output itself is in the spool.
+        try:
+            if not child.sock.recv(65536):
+                asyncio.get_running_loop().remove_reader(child.sock)
+        except BlockingIOError:
+            pass
+        except OSError:
+            asyncio.get_running_loop().remove_reader(child.sock)
+        self._pump(child)
+
+    def _pump(self, child: Child, burst: int = READ_BURST) -> None:
+        for _ in range(burst):
+            data = child.spool.read()
             if not data:
-                asyncio.get_running_loop().remove_reader(child.master_fd)
-                return
+                break
             self.console.feed(data)
+        # What is in the console is safe; an unterminated line is read again after a
+        # restart, so it is not counted as consumed yet.
+        child.spool.save(child.spool.offset - self.console.pending_bytes)
 
     # -- exit handling ------------------------------------------------------------------
 
     def _reap(self, child: Child) -> None:
         loop = asyncio.get_running_loop()
-        loop.remove_reader(child.pidfd)
-        code = child.popen.wait()
+        loop.remove_reader(child.holder_pidfd)
+        loop.remove_reader(child.sock)
+        self._pump(child, burst=1_000_000)  # everything the holder wrote, to the end
+        status = child.wait_status()
+        self._holder_lost = status is None
+        code = -signal.SIGKILL if status is None else status
         # Leftover descendants must not outlive their process: they would hold the
         # game port and the PTY.
         signal_tree(child.identity, child.marker, signal.SIGKILL)
-        self._drain(child)
-        loop.remove_reader(child.master_fd)
         self.console.flush_partial()
-        child.close()
+        child.forget()
         uptime = time.time() - (self._started_at or time.time())
         ready_for = 0.0 if self._ready_at is None else time.time() - self._ready_at
         self._child = None
@@ -266,6 +281,9 @@ class Supervisor:
                       inferred)
 
     def _classify(self, code: int) -> tuple[str, str, bool]:
+        if self._holder_lost:
+            return ("signal", "its holder died, so its exit status is unknown; the agent "
+                    "killed what was left", True)
         if self._kill_reason is not None:
             return self._kill_reason, f"killed by the agent: {self._kill_reason}", False
         if code >= 0:
@@ -349,8 +367,7 @@ class Supervisor:
 
         # Step 1: ask politely, the way the server wants to be asked.
         if stop.command is not None:
-            with contextlib.suppress(OSError):
-                os.write(child.master_fd, (stop.command + "\n").encode())
+            child.send((stop.command + "\n").encode())
         else:
             signal_leader(child.identity, signal.Signals[stop.signal])
         if await _wait(exited, stop.grace):
@@ -441,7 +458,100 @@ class Supervisor:
         if previous != state:
             log.info("state", extra=fields(process=self.spec.name, previous=previous,
                                            state=state, pid=self.pid, **extra))
+        self._save()
         self._on_change()
+
+    # -- surviving an agent restart -----------------------------------------------------
+
+    def _save(self) -> None:
+        record = {
+            "state": self.state, "ready": self.ready, "wanted": self._wanted,
+            "started_at": self._started_at, "ready_at": self._ready_at,
+            "restarts": self.restarts, "last_exit_code": self.last_exit_code,
+            "expect_exit": self._expect_exit, "stop_sent": self._stop_sent,
+            "crashes": [c.model_dump(by_alias=True) for c in self.crashes],
+        }
+        path = self.holders / f"{self.spec.name}.state"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, path)
+
+    def _load(self) -> dict[str, object]:
+        try:
+            saved = json.loads((self.holders / f"{self.spec.name}.state").read_text())
+        except (OSError, ValueError):
+            return {}
+        self.restarts = int(saved.get("restarts", 0))
+        self.last_exit_code = saved.get("last_exit_code")
+        self._wanted = bool(saved.get("wanted", False))
+        for crash in saved.get("crashes", []):
+            self.crashes.append(CrashRecord.model_validate(crash))
+        return saved  # type: ignore[no-any-return]  # our own JSON
+
+    def resume(self) -> bool:
+        """Take up what a previous agent left: reattach, or settle an exit that happened
+        while no agent was there. False when there is nothing to take up."""
+        saved = self._load()
+        found = find(self.holders, self.spec.name)
+        if found is None:
+            return bool(saved) and not self._wanted
+        if found.child is not None:
+            self._reattach(found.child, saved)
+        else:
+            self._settle_absent(found, saved)
+        return True
+
+    def _reattach(self, child: Child, saved: dict[str, object]) -> None:
+        self._started_at = float(saved.get("started_at") or time.time())  # type: ignore[arg-type]
+        self._expect_exit = bool(saved.get("expect_exit"))
+        self._stop_sent = bool(saved.get("stop_sent"))
+        self._attach(child)
+        log.info("reattached", extra=fields(process=self.spec.name, pid=child.pid,
+                                            holder=child.holder.pid))
+        if saved.get("ready"):
+            self.ready = True
+            self._ready_at = float(saved.get("ready_at") or time.time())  # type: ignore[arg-type]
+            self._transition("running")
+            if self.spec.liveness is not None:
+                self._track(self._liveness(child))
+        else:
+            self._transition("starting")
+            self._start_probes(child)
+
+    def _settle_absent(self, found: Found, saved: dict[str, object]) -> None:
+        """The program ended while no agent was attached: record it as if seen."""
+        assert found.spool is not None
+        while data := found.spool.read():
+            self.console.feed(data)
+        self.console.flush_partial()
+        if found.program is not None and found.marker is not None:
+            signal_tree(found.program, found.marker, signal.SIGKILL)
+        found.spool.close()
+        forget_files(self.holders, self.spec.name)
+        self._holder_lost = found.status is None
+        self._expect_exit = bool(saved.get("expect_exit"))
+        self._stop_sent = bool(saved.get("stop_sent"))
+        code = -signal.SIGKILL if found.status is None else found.status
+        started = float(saved.get("started_at") or time.time())  # type: ignore[arg-type]
+        self.last_exit_code = code
+        log.info("exited_while_away", extra=fields(process=self.spec.name, code=code))
+        self.state = "running" if saved.get("ready") else "starting"
+        self._settle(code, time.time() - started, 0.0)
+
+    def detach(self) -> None:
+        """The agent leaves (upgrade or restart); the program stays with its holder."""
+        self._cancel_backoff()
+        self._cancel_probes()
+        child = self._child
+        if child is None:
+            return
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(child.sock)
+        loop.remove_reader(child.holder_pidfd)
+        self._pump(child, burst=1_000_000)
+        self._save()
+        child.close()
+        self._child = None
 
 
 async def _wait(future: asyncio.Future[int], timeout: float) -> bool:
