@@ -4,7 +4,8 @@ A component that is missing fails the test with the step that installs it; nothi
 skips. `bash .ci/setup` installs all of them. Run as a script, this module warms the
 flying-squid npm cache (`.ci/setup` does so).
 
-Imported by the tests as `from components import ...` (tests/ is on sys.path under pytest).
+Imported by the tests as `from tests.components import ...`: the test command
+`python -m pytest`, run from the repository root, puts the root on sys.path.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from components import (
+from mcstatus import JavaServer
+
+from tests.components import (
     flying_squid_cache,
     free_port,
     minetest_command,
@@ -24,8 +26,6 @@ from components import (
     strip_ansi,
     wait_for_line,
 )
-from mcstatus import JavaServer
-
 from zlh.errors import ConfigError, IntegrityError
 from zlh.npmcache import ensure_cached, install_npm_package
 
