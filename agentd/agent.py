@@ -47,6 +47,7 @@ class Agent:
         self.provisioning = Provisioning()
         self.supervisors: dict[str, Supervisor] = {}
         self.sampler = Sampler(config.server_root, config.sample_interval, self._pids)
+        self.sampler.disk_watch.interval = config.disk_check_interval
         self._apply_lock = asyncio.Lock()
         self.holders = config.state_dir / "holders"
         for folder in (config.state_dir, config.state_dir / "console", self.holders,
@@ -104,6 +105,7 @@ class Agent:
                 self.supervisors[name] = sup
                 created.append(sup)
             self.spec = spec
+            self.sampler.disk_watch.set_limit(spec.disk_limit_bytes)
             if persist:
                 write_json_atomic(self.config.state_dir / "spec.json", spec.model_dump())
             log.info("spec_applied", extra=fields(processes=list(wanted)))

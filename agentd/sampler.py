@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 
+from agentd.diskwatch import DiskWatch
 from agentd.models import Disk, Resources
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,15 @@ class Sampler:
         self._me = psutil.Process(os.getpid())
         self._tracked: dict[int, list[psutil.Process]] = {}
         self._task: asyncio.Task[None] | None = None
+        self.disk_watch = DiskWatch(disk_path)
 
     def start(self) -> None:
+        self.disk_watch.start()
         self.take()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def stop(self) -> None:
+        self.disk_watch.stop()
         if self._task is not None:
             self._task.cancel()
 
@@ -63,7 +67,8 @@ class Sampler:
             memory_available_bytes=memory.available,
             sampled_at=time.time(),
         )
-        self.latest = Sample(resources, self._disk(), self._me.memory_info().rss, processes)
+        disk = self.disk_watch.decorate(self._disk())
+        self.latest = Sample(resources, disk, self._me.memory_info().rss, processes)
 
     def _tree_usage(self, pid: int) -> tuple[float, int]:
         # psutil needs the same Process objects between samples to compute cpu_percent.
