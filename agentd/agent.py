@@ -143,6 +143,7 @@ class Agent:
             raise NotFound(f"no process named {name!r}") from None
 
     def status(self) -> Status:
+        self.sampler.refresh_if_missing(self._pids())
         sample = self.sampler.latest
         processes = [
             sup.status(sample.processes.get(sup.pid) if sample and sup.pid else None)

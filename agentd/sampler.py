@@ -56,6 +56,15 @@ class Sampler:
             await asyncio.sleep(self._interval)
             self.take()
 
+    def refresh_if_missing(self, pids: list[int], min_age: float = 0.5) -> None:
+        """Sample now when a process started since the last sample, at most every
+        `min_age` seconds, so a new process does not wait a whole interval for figures."""
+        latest = self.latest
+        if latest is None or all(pid in latest.processes for pid in pids):
+            return
+        if time.time() - latest.resources.sampled_at >= min_age:
+            self.take()
+
     def take(self) -> None:
         memory = psutil.virtual_memory()
         processes = {pid: self._tree_usage(pid) for pid in self._pids()}
