@@ -32,7 +32,7 @@ SERVER_NAME = re.compile(r"[a-z][a-z0-9-]{0,30}")
 STATUSES = ("provisioning", "ready", "failed", "deleting")
 Status = Literal["provisioning", "ready", "failed", "deleting"]
 BUSY_TIMEOUT_MS = 10_000
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE servers (
@@ -47,6 +47,9 @@ CREATE TABLE servers (
     token_path TEXT,
     step TEXT,
     status TEXT NOT NULL CHECK (status IN ('provisioning', 'ready', 'failed', 'deleting')),
+    owner TEXT,
+    tier TEXT,
+    resources TEXT NOT NULL DEFAULT '{}',
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
@@ -82,6 +85,9 @@ class Server:
     token_path: str | None = None
     step: str | None = None
     status: Status = "provisioning"
+    owner: str | None = None
+    tier: str | None = None
+    resources: dict[str, int] = field(default_factory=dict)  # the tier's, when provisioned
     created_at: float = 0.0  # set by Inventory.add
     updated_at: float = 0.0
 
@@ -97,7 +103,13 @@ class HistoryEntry:
 
 SERVER_COLUMNS = tuple(f.name for f in fields(Server))
 UPDATABLE = frozenset(SERVER_COLUMNS) - {"name", "created_at", "updated_at"}
-JSON_COLUMNS = ("ports", "values")
+JSON_COLUMNS = ("ports", "values", "resources")
+# Statements that bring a database of version N (the key) to N + 1.
+MIGRATIONS = {
+    1: ("ALTER TABLE servers ADD COLUMN owner TEXT",
+        "ALTER TABLE servers ADD COLUMN tier TEXT",
+        "ALTER TABLE servers ADD COLUMN resources TEXT NOT NULL DEFAULT '{}'"),
+}
 
 
 class Inventory:
@@ -147,6 +159,11 @@ class Inventory:
             if version == 0:
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version < SCHEMA_VERSION:
+                for step in range(version, SCHEMA_VERSION):
+                    for statement in MIGRATIONS[step]:
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version > SCHEMA_VERSION:
