@@ -404,6 +404,12 @@ class Playbook(Model):
     def _process_problems(self) -> Iterator[Problem]:
         if self.kind == "game" and not any(p.kind == "game" for p in self.processes.values()):
             yield Problem(("processes",), "a game playbook needs a process of kind game")
+        if self.dev is not None and self.dev.code_server:
+            # zlh adds code-server as the process `ide` on the port `ide` (zlh/codeserver.py).
+            port = self.ports.get("ide")
+            if "ide" in self.processes or port is None or port.protocol != "tcp":
+                yield Problem(("dev", "code_server"), "needs a tcp port named ide and no "
+                                                     "process named ide")
         for name, process in self.processes.items():
             loc: Loc = ("processes", name)
             if process.port is not None and process.port not in self.ports:
