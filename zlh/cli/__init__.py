@@ -86,9 +86,9 @@ def _wrap_commands(group: typer.Typer) -> None:
 
 
 def _register() -> None:
-    from zlh.cli import console, demo, playbooks, provision, servers
+    from zlh.cli import artifacts, catalog, console, demo, playbooks, provision, servers
 
-    for group in (demo, provision, servers, console, playbooks):
+    for group in (demo, provision, servers, console, playbooks, catalog, artifacts):
         group.register(app)
     _wrap_commands(app)
 

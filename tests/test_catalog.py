@@ -1,0 +1,216 @@
+"""Runtime catalogs: schema errors with file:line: key, --verify against real servers, promote."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.artifactfix import FaultyServer, sha256, write
+from zlh import catalog
+from zlh.artifacts import ArtifactServer
+from zlh.cli import run
+from zlh.errors import ConfigError
+
+GOOD = """\
+# a comment that promote keeps
+runtimes:
+  tool:
+    description: a test runtime
+    default: "1.0"
+    versions:
+      - version: "1.0"
+        channel: stable
+        artifacts:
+          x86_64:
+            url: tool/tool-1.0.tar.zst
+            sha256: {sha_a}
+            size: {size_a}
+            format: tar.zst
+            path: [bin]
+            verify: bin/tool
+      - version: "2.0"
+        channel: beta   # trailing comment
+        artifacts:
+          x86_64:
+            url: tool/tool-2.0.tar.zst
+            sha256: {sha_b}
+            size: {size_b}
+            format: tar.zst
+"""
+A, B = b"A" * 300_000, b"B" * 5000
+
+
+def good_text(**changes: object) -> str:
+    values = {"sha_a": sha256(A), "size_a": len(A), "sha_b": sha256(B), "size_b": len(B)}
+    values.update(changes)
+    return GOOD.format(**values)
+
+
+@pytest.fixture
+def served(tmp_path: Path):
+    folder = tmp_path / "artifacts"
+    write(folder, "tool/tool-1.0.tar.zst", A)
+    write(folder, "tool/tool-2.0.tar.zst", B)
+    cat = tmp_path / "catalogs"
+    write(cat, "runtimes.yaml", good_text().encode())
+    with ArtifactServer(folder) as server:
+        yield server, cat
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = run(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+BAD_YAML = [
+    ("syntax", "runtimes:\n  tool: [\n", "runtimes.yaml:3:1: yaml syntax error"),
+    ("duplicate-key", good_text().replace("    default:", "    default: '2.0'\n    default:"),
+     "runtimes.yaml:6: key 'default' appears twice (first on line 5)"),
+    ("missing-sha256", good_text().replace(f"            sha256: {sha256(B)}\n", ""),
+     "runtimes.yaml:20: runtimes.tool.versions[1].artifacts.x86_64.sha256: required key"),
+    ("bad-sha256", good_text(sha_a="ABC" + "0" * 61),
+     "runtimes.yaml:12: runtimes.tool.versions[0].artifacts.x86_64.sha256: sha256 must be 64"),
+    ("unknown-channel", good_text().replace("channel: beta", "channel: nightly"),
+     "runtimes.yaml:18: runtimes.tool.versions[1].channel: Input should be 'stable' or 'beta'"),
+    ("duplicate-version", good_text().replace('version: "2.0"', 'version: "1.0"'),
+     "runtimes.yaml:17: runtimes.tool.versions[1].version: version 1.0 appears twice"),
+    ("missing-default", good_text().replace('default: "1.0"', 'default: "3.0"'),
+     "runtimes.yaml:5: runtimes.tool.default: default 3.0 is not a listed version"),
+    ("bad-format", good_text().replace("format: tar.zst", "format: rar", 1),
+     "runtimes.yaml:14: runtimes.tool.versions[0].artifacts.x86_64.format: Input should be"),
+    ("url-escapes", good_text().replace("url: tool/tool-1.0", "url: ../tool/tool-1.0"),
+     "runtimes.yaml:11: runtimes.tool.versions[0].artifacts.x86_64.url: a relative URL must"),
+]
+
+
+@pytest.mark.parametrize("text, expected", [c[1:] for c in BAD_YAML],
+                         ids=[c[0] for c in BAD_YAML])
+def test_bad_catalog_is_one_clear_error(tmp_path: Path, capsys, text: str, expected: str):
+    path = write(tmp_path, "runtimes.yaml", text.encode())
+    code, out, err = cli(capsys, "catalog", "validate", str(path))
+    assert code == 3 and out == ""
+    assert err.startswith("zlh: error: ") and expected in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_shipped_catalogs_are_valid():
+    loaded = catalog.load_catalogs()
+    names = {row["name"] for row in catalog.summary(loaded)}
+    assert {"node", "flying-squid"} <= names
+    node = catalog.find("node", arch="x86_64")
+    assert node.version.version == "20.18.0" and node.artifact.verify == "bin/node --version"
+
+
+def test_validate_json_lists_entries(served, capsys):
+    _, folder = served
+    code, out, err = cli(capsys, "catalog", "validate", str(folder), "--json")
+    assert code == 0 and err == ""
+    report = json.loads(out)
+    assert [(e["name"], e["version"], e["channel"], e["default"]) for e in report["entries"]] \
+        == [("tool", "1.0", "stable", True), ("tool", "2.0", "beta", False)]
+
+
+def test_verify_passes_against_a_real_server(served, capsys):
+    server, folder = served
+    code, out, err = cli(capsys, "catalog", "validate", str(folder), "--verify",
+                         "--artifacts-url", server.url, "--json")
+    assert code == 0, err
+    verified = json.loads(out)["verified"]
+    assert [(v["label"], v["ok"], v["size"]) for v in verified] == [
+        ("tool@1.0 (x86_64)", True, len(A)), ("tool@2.0 (x86_64)", True, len(B))]
+
+
+def test_verify_reports_every_mismatch(served, capsys):
+    server, folder = served
+    tampered = bytearray(A)
+    tampered[1000] ^= 1
+    (server.folder / "tool/tool-1.0.tar.zst").write_bytes(bytes(tampered))
+    (server.folder / "tool/tool-2.0.tar.zst").unlink()
+    code, _, err = cli(capsys, "catalog", "validate", str(folder), "--verify",
+                       "--artifacts-url", server.url)
+    assert code == 10
+    assert err.splitlines() == [
+        "zlh: error: 2 of 2 artifacts failed:",
+        f"tool@1.0 (x86_64): sha256: got {sha256(bytes(tampered))}, expected {sha256(A)}",
+        f"tool@2.0 (x86_64): {server.url}/tool/tool-2.0.tar.zst: HTTP 404",
+    ]
+
+
+def test_verify_without_a_base_url_is_a_usage_error(served, capsys, monkeypatch, tmp_path):
+    _, folder = served
+    monkeypatch.delenv("ZLH_ARTIFACTS_URL", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    code, _, err = cli(capsys, "catalog", "validate", str(folder), "--verify")
+    assert code == 2 and "give --artifacts-url" in err
+
+
+FAULTS = [
+    ("truncated", {"mode": "truncate"}, "RemoteProtocolError"),
+    ("http-500", {"mode": "status", "status": 500}, "HTTP 500"),
+    ("stalled", {"mode": "stall"}, "timed out after 0.5 s without data"),
+]
+
+
+@pytest.mark.parametrize("options, expected", [f[1:] for f in FAULTS], ids=[f[0] for f in FAULTS])
+def test_verify_faulty_server(tmp_path: Path, options: dict, expected: str):
+    body = b"z" * 4096
+    text = good_text(sha_a=sha256(body), size_a=len(body))
+    path = write(tmp_path, "runtimes.yaml", text.encode())
+    items = [a for a in catalog.artifacts(catalog.load_catalogs([path])) if a.version.version
+             == "1.0"]
+    with FaultyServer(body=body, **options) as server:
+        results = catalog.verify_artifacts(items, server.url, timeout=0.5)
+    assert not results[0].ok and expected in results[0].problem
+
+
+def test_oversized_download_stops_and_fails(served):
+    server, folder = served
+    (server.folder / "tool/tool-2.0.tar.zst").write_bytes(B + b"more" * 100_000)
+    items = list(catalog.artifacts(catalog.load_catalogs([folder])))
+    results = catalog.verify_artifacts(items, server.url)
+    assert results[1].problem.startswith("size: got more than")
+
+
+def test_artifact_server_refuses_paths_outside(tmp_path: Path):
+    import httpx
+
+    folder = tmp_path / "served"
+    write(folder, "ok.txt", b"fine")
+    write(tmp_path, "secret.txt", b"secret")
+    (folder / "link").symlink_to(tmp_path / "secret.txt")
+    with ArtifactServer(folder) as server:
+        assert httpx.get(server.url + "/ok.txt").content == b"fine"
+        assert httpx.get(server.url + "/link").status_code == 403
+        raw = httpx.get(server.url + "/%2e%2e/secret.txt")
+        assert raw.status_code in (403, 404) and b"secret" not in raw.content
+        assert httpx.get(server.url + "/").status_code == 404
+
+
+def test_promote_rewrites_only_the_channel(served, capsys):
+    _, folder = served
+    path = folder / "runtimes.yaml"
+    before = path.read_text()
+    code, out, err = cli(capsys, "catalog", "promote", "tool", "2.0", "--channel", "stable",
+                         "--catalog", str(folder))
+    assert code == 0, err
+    assert "tool 2.0: beta -> stable" in out
+    after = path.read_text()
+    assert after == before.replace("channel: beta   # trailing", "channel: stable   # trailing")
+    code, out, _ = cli(capsys, "catalog", "promote", "tool", "2.0", "--catalog", str(folder))
+    assert code == 0 and "already stable" in out
+
+
+def test_promote_unknown_version_is_not_found(served, capsys):
+    _, folder = served
+    code, _, err = cli(capsys, "catalog", "promote", "tool", "9.9", "--catalog", str(folder))
+    assert code == 4 and err == "zlh: error: tool: no version 9.9\n"
+
+
+def test_name_in_two_files_is_an_error(served):
+    _, folder = served
+    write(folder, "more.yaml", good_text().encode())
+    with pytest.raises(ConfigError, match="runtimes.tool: also defined in"):
+        catalog.load_catalogs([folder])
