@@ -21,7 +21,11 @@ from zlh.playbooks import (
     write_files,
 )
 
-SHIPPED = ["minecraft-paper", "minecraft-squid", "minetest"]
+SHIPPED = [
+    "dev-dotnet", "dev-java", "dev-node", "dev-python",
+    "minecraft-paper", "minecraft-squid", "minetest",
+]
+GAMES = [name for name in SHIPPED if not name.startswith("dev-")]
 REQUIRED_VALUES = {"minecraft-paper": {"eula": "true"}}
 ROOT = Path("/srv/test-root")
 
@@ -86,7 +90,7 @@ def test_shipped_playbooks_are_listed() -> None:
     assert list_playbooks() == SHIPPED
 
 
-@pytest.mark.parametrize("name", SHIPPED, ids=SHIPPED)
+@pytest.mark.parametrize("name", GAMES, ids=GAMES)
 def test_shipped_playbook_renders_a_valid_spec(name: str) -> None:
     playbook = load_playbook(name)
 
@@ -162,7 +166,8 @@ def test_unknown_playbook_lists_the_available_ones() -> None:
         load_playbook("minecraft")
 
     assert str(info.value) == (
-        "no playbook named 'minecraft'; available: minecraft-paper, minecraft-squid, minetest"
+        "no playbook named 'minecraft'; available: dev-dotnet, dev-java, dev-node, dev-python, "
+        "minecraft-paper, minecraft-squid, minetest"
     )
 
 
