@@ -19,9 +19,11 @@ import time
 from pathlib import Path
 
 from agentd import __version__
+from agentd.backups import BackupManager
 from agentd.config import AgentConfig
 from agentd.console import Console
 from agentd.errors import NotFound
+from agentd.files import ServerFiles
 from agentd.logs import fields
 from agentd.models import AgentInfo, Provisioning, ServerSpec, Status
 from agentd.sampler import Sampler
@@ -53,6 +55,8 @@ class Agent:
         for folder in (config.state_dir, config.state_dir / "console", self.holders,
                        config.server_root):
             folder.mkdir(parents=True, exist_ok=True)
+        self.backups = BackupManager(config.state_dir, config.server_root, self)
+        self.files = ServerFiles(config.server_root, config.max_upload_bytes)
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -63,6 +67,7 @@ class Agent:
         self.sampler.start()
         if spec is not None:
             await self.apply_spec(spec, persist=False)
+        self.backups.recover()
 
     async def shutdown(self, deadline: float) -> None:
         """Stop every process gracefully, in parallel, within `deadline` seconds."""

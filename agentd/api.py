@@ -16,6 +16,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agentd.agent import Agent
+from agentd.api_backups import routes as backup_routes
 from agentd.errors import AgentError, Invalid, TooLarge, Unauthorized
 from agentd.logs import fields
 from agentd.models import ConsoleInput, ErrorBody, ErrorDetail, Provisioning, ServerSpec
@@ -109,6 +110,7 @@ def create_app(agent: Agent, token: str) -> ASGIApp:
         sup = agent.supervisor(name)
         if verb not in ACTIONS:
             raise AgentError(f"unknown action {verb!r}")
+        agent.backups.check_power(verb)
         await getattr(sup, verb)()
         result = {"name": name, "action": verb, "state": sup.state, "pid": sup.pid}
         return Response(json.dumps(result), media_type=JSON)
@@ -143,6 +145,7 @@ def create_app(agent: Agent, token: str) -> ASGIApp:
         Route("/v1/processes/{name}/console", console_read, methods=["GET"]),
         Route("/v1/processes/{name}/console", console_write, methods=["POST"]),
         Route("/v1/processes/{name}/{action:str}", action, methods=["POST"]),
+        *backup_routes(agent, limit),
     ]
     app = Starlette(routes=routes, exception_handlers=_handlers())
     return BearerAuth(app, token)

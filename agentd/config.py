@@ -23,6 +23,7 @@ class AgentConfig(BaseModel):
     console_log_max_bytes: int = Field(16 * 2**20, ge=4096)
     console_log_backups: int = Field(3, ge=0, le=100)
     max_body_bytes: int = Field(2**20, ge=1024)
+    max_upload_bytes: int = Field(256 * 2**20, ge=1024, description="PUT /v1/files")
     sample_interval: float = Field(2.0, gt=0, description="seconds between resource samples")
     disk_check_interval: float = Field(30.0, gt=0, description="seconds between disk walks")
     shutdown_deadline: float = Field(60.0, gt=0, description="stop-all budget on SIGTERM")

@@ -7,6 +7,8 @@
     +-- Conflict              409 conflict
     +-- TooLarge              413 too-large
     +-- Invalid               422 invalid
+    +-- Corrupt               422 corrupt        a backup archive fails its checks
+    +-- OperationFailed       500 failed         a backup or restore ran and failed
 """
 
 from __future__ import annotations
@@ -49,3 +51,13 @@ class TooLarge(AgentError):
 class Invalid(AgentError):
     status = 422
     code = "invalid"
+
+
+class Corrupt(AgentError):
+    status = 422
+    code = "corrupt"
+
+
+class OperationFailed(AgentError):
+    status = 500
+    code = "failed"

@@ -1,0 +1,448 @@
+"""Backup archives: tar streamed through zstd, with a manifest, and their safe extraction.
+
+Writing: one pass over the files. Each file is read once, hashed while it feeds the tar
+stream, and compared (size, mtime) before and after, so a file that changed while it was
+read is reported instead of silently cut. The compressed stream is hashed as it is
+written. The manifest (every file's size and sha256) is the archive's last member.
+
+Reading: the archive's sha256 is checked before anything else. Members are extracted
+into a staging folder only: absolute names, `..`, links that leave the staging folder,
+hard links and devices refuse the whole archive. Every file's hash is checked against
+the manifest, and the manifest against the set of members.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import stat
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+import zstandard
+
+log = logging.getLogger(__name__)
+
+MANIFEST = ".zlh-manifest.json"
+CHUNK = 1 << 20
+LEVEL = 3  # zstd's own default, and what `tar -I zstd` uses
+THREADS = 1  # one compression worker beside the reading thread, as zstd -T1
+ALWAYS_EXCLUDED = ("session.lock", "/.zlh-*")  # a game's lock file; restore staging
+
+
+class BadArchive(Exception):
+    """The archive is corrupt or unsafe; nothing was changed."""
+
+
+# -- exclusions ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Rule:
+    regex: re.Pattern[str]
+    negate: bool
+    dir_only: bool
+
+
+def _glob_regex(glob: str) -> str:
+    out, i = [], 0
+    while i < len(glob):
+        if glob.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif glob[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif glob[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(glob[i]))
+            i += 1
+    return "".join(out)
+
+
+class Excluder:
+    """gitignore-style patterns, matched against paths relative to the server root.
+
+    A pattern without a `/` matches a name at any depth; with one, it is anchored at
+    the server root; a trailing `/` matches folders only; `!` re-includes; the last
+    matching pattern wins. A folder that is excluded is not descended into.
+    """
+
+    def __init__(self, patterns: list[str], absolute: list[Path] | None = None) -> None:
+        self._rules = [rule for p in patterns if (rule := self._rule(p)) is not None]
+        self._absolute = {os.path.realpath(p) for p in absolute or []}
+
+    @staticmethod
+    def _rule(pattern: str) -> _Rule | None:
+        text = pattern.strip()
+        if not text or text.startswith("#"):
+            return None
+        negate = text.startswith("!")
+        text = text[1:] if negate else text
+        dir_only = text.endswith("/")
+        text = text.rstrip("/")
+        anchored = "/" in text
+        body = _glob_regex(text.lstrip("/"))
+        regex = f"^{body}$" if anchored else f"^(?:.*/)?{body}$"
+        return _Rule(re.compile(regex), negate, dir_only)
+
+    def excluded(self, rel: str, is_dir: bool, real: str | None = None) -> bool:
+        if real is not None and real in self._absolute:
+            return True
+        verdict = False
+        for rule in self._rules:
+            if rule.dir_only and not is_dir:
+                continue
+            if rule.regex.match(rel):
+                verdict = not rule.negate
+        return verdict
+
+
+# -- writing ---------------------------------------------------------------------------
+
+
+@dataclass
+class Written:
+    size: int = 0
+    sha256: str = ""
+    manifest_sha256: str = ""
+    files: int = 0
+    bytes_in: int = 0
+    changed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    manifest: bytes = b""
+
+
+class _HashingSink:
+    """The zstd output goes through here to the file: counted and hashed on the way."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle = handle
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self._handle.write(data)
+        self.hash.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+
+class _FileSource:
+    """Feeds tarfile exactly `size` bytes of a file, hashing them.
+
+    tarfile needs exactly the size in the header: a file that shrank while it was read
+    is padded with zeros (and reported), one that grew is cut at the header's size.
+    """
+
+    def __init__(self, handle: BinaryIO, size: int) -> None:
+        self._handle = handle
+        self._left = size
+        self.hash = hashlib.sha256()
+        self.short = False
+
+    def read(self, n: int = -1) -> bytes:
+        want = self._left if n < 0 else min(n, self._left)
+        data = self._handle.read(want) if want else b""
+        if len(data) < want:
+            self.short = True
+            data += b"\0" * (want - len(data))
+        self._left -= len(data)
+        self.hash.update(data)
+        return data
+
+
+@dataclass
+class _Manifest:
+    paths: list[str]
+    files: dict[str, dict[str, object]] = field(default_factory=dict)
+    dirs: list[str] = field(default_factory=list)
+    links: dict[str, str] = field(default_factory=dict)
+
+    def encode(self, meta: dict[str, object]) -> bytes:
+        body = {"version": 1, **meta, "paths": self.paths, "files": self.files,
+                "dirs": self.dirs, "links": self.links}
+        return json.dumps(body, indent=0, sort_keys=True).encode()
+
+
+def write_archive(root: Path, paths: list[str], excluder: Excluder, out: BinaryIO,
+                  meta: dict[str, object], level: int = LEVEL,
+                  threads: int = THREADS) -> Written:
+    """Archive `paths` (relative to `root`) into `out` as tar + zstd; returns the figures."""
+    sink = _HashingSink(out)
+    written = Written()
+    manifest = _Manifest([os.path.normpath(p) for p in paths])
+    compressor = zstandard.ZstdCompressor(level=level, threads=threads)
+    with compressor.stream_writer(sink, closefd=False) as zstd_out:  # type: ignore[arg-type]  # a writable file-like
+        with tarfile.open(fileobj=zstd_out, mode="w|", format=tarfile.PAX_FORMAT,
+                          copybufsize=CHUNK) as tar:
+            for rel, st in walk(root, manifest.paths, excluder, written.skipped):
+                _add(tar, root, rel, st, manifest, written)
+            data = manifest.encode(meta)
+            info = tarfile.TarInfo(MANIFEST)
+            info.size, info.mtime, info.mode = len(data), int(meta.get("time", 0)), 0o644
+            tar.addfile(info, _BytesSource(data))
+    written.manifest, written.manifest_sha256 = data, hashlib.sha256(data).hexdigest()
+    written.size, written.sha256 = sink.size, sink.hash.hexdigest()
+    return written
+
+
+class _BytesSource:
+    def __init__(self, data: bytes) -> None:
+        self._data, self._pos = data, 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._data) if n < 0 else self._pos + n
+        chunk, self._pos = self._data[self._pos:end], min(end, len(self._data))
+        return chunk
+
+
+def walk(root: Path, paths: list[str], excluder: Excluder,
+         skipped: list[str]) -> Iterator[tuple[str, os.stat_result]]:
+    """(relative path, lstat) of everything to archive, folders before their content."""
+    tops = [os.path.normpath(p) for p in paths]
+    if "." in tops:
+        tops = sorted(os.listdir(root))
+    for top in tops:
+        try:
+            st = os.lstat(root / top)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            yield from _walk_dir(root, top, st, excluder, skipped)
+        elif not excluder.excluded(top, False):
+            yield top, st
+
+
+def _walk_dir(root: Path, rel: str, st: os.stat_result, excluder: Excluder,
+              skipped: list[str]) -> Iterator[tuple[str, os.stat_result]]:
+    if excluder.excluded(rel, True, os.path.realpath(root / rel)):
+        return
+    yield rel, st
+    try:
+        entries = sorted(os.scandir(root / rel), key=lambda e: e.name)
+    except OSError as exc:
+        log.warning("backup_unreadable", extra={"fields": {"path": rel, "error": str(exc)}})
+        skipped.append(rel + "/")
+        return
+    for entry in entries:
+        child = f"{rel}/{entry.name}"
+        child_st = entry.stat(follow_symlinks=False)
+        if stat.S_ISDIR(child_st.st_mode):
+            yield from _walk_dir(root, child, child_st, excluder, skipped)
+        elif not excluder.excluded(child, False):
+            yield child, child_st
+
+
+def _add(tar: tarfile.TarFile, root: Path, rel: str, st: os.stat_result,
+         manifest: _Manifest, written: Written) -> None:
+    info = tarfile.TarInfo(rel)
+    info.mode, info.mtime = stat.S_IMODE(st.st_mode), int(st.st_mtime)
+    info.uid, info.gid = st.st_uid, st.st_gid
+    if stat.S_ISDIR(st.st_mode):
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+        manifest.dirs.append(rel)
+    elif stat.S_ISLNK(st.st_mode):
+        _add_link(tar, root, rel, info, manifest, written)
+    elif stat.S_ISREG(st.st_mode):
+        _add_file(tar, root, rel, info, manifest, written)
+    else:
+        written.skipped.append(rel)
+
+
+def _add_link(tar: tarfile.TarFile, root: Path, rel: str, info: tarfile.TarInfo,
+              manifest: _Manifest, written: Written) -> None:
+    target = os.readlink(root / rel)
+    if not inside(root, os.path.join(os.path.dirname(root / rel), target)):
+        written.skipped.append(rel)  # a link out of the server root is not world data
+        return
+    info.type, info.linkname = tarfile.SYMTYPE, target
+    tar.addfile(info)
+    manifest.links[rel] = target
+
+
+def _add_file(tar: tarfile.TarFile, root: Path, rel: str, info: tarfile.TarInfo,
+              manifest: _Manifest, written: Written) -> None:
+    try:
+        handle = open(root / rel, "rb", buffering=0)
+    except OSError as exc:
+        log.warning("backup_unreadable", extra={"fields": {"path": rel, "error": str(exc)}})
+        written.skipped.append(rel)
+        return
+    with handle:
+        before = os.fstat(handle.fileno())
+        info.size = before.st_size
+        source = _FileSource(handle, before.st_size)  # type: ignore[arg-type]  # raw file
+        tar.addfile(info, source)
+        after = os.fstat(handle.fileno())
+    changed = source.short or (after.st_size, after.st_mtime_ns) != (
+        before.st_size, before.st_mtime_ns)
+    entry: dict[str, object] = {"size": before.st_size, "sha256": source.hash.hexdigest()}
+    if changed:
+        entry["changed"] = True
+        written.changed.append(rel)
+    manifest.files[rel] = entry
+    written.files += 1
+    written.bytes_in += before.st_size
+
+
+# -- reading ---------------------------------------------------------------------------
+
+
+def inside(base: Path | str, candidate: str) -> bool:
+    """True when `candidate` (after resolving links) lies within `base`."""
+    real_base = os.path.realpath(base)
+    real = os.path.realpath(candidate)
+    return real == real_base or real.startswith(real_base + os.sep)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Extracted:
+    paths: list[str]
+    files: int
+    manifest: dict[str, object]
+
+
+def verify_and_extract(archive: Path, sha256: str, manifest_sha256: str | None,
+                       staging: Path) -> Extracted:
+    """Check the archive's hash, then extract it into `staging` (created here, empty).
+
+    Raises BadArchive when anything does not match; `staging` may then hold a part of
+    the archive and is the caller's to remove. Nothing outside `staging` is touched.
+    """
+    actual = file_sha256(archive)
+    if actual != sha256:
+        raise BadArchive(f"archive sha256 is {actual}, the record says {sha256}")
+    staging.mkdir(mode=0o700)
+    seen: dict[str, str] = {}
+    manifest_raw = b""
+    with open(archive, "rb") as handle:
+        reader = zstandard.ZstdDecompressor().stream_reader(handle)
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
+                for member in tar:
+                    if member.name == MANIFEST:
+                        manifest_raw = _read_member(tar, member)
+                    else:
+                        _extract(tar, member, staging, seen)
+        except (tarfile.TarError, zstandard.ZstdError, EOFError) as exc:
+            raise BadArchive(f"unreadable archive: {exc}") from None
+        except FileExistsError as exc:
+            raise BadArchive(f"member {exc.filename!r} appears twice") from None
+    return _check_manifest(manifest_raw, manifest_sha256, seen)
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    source = tar.extractfile(member)
+    if source is None or member.size > 256 * 2**20:
+        raise BadArchive("the manifest member is not a plain file of sane size")
+    return source.read()
+
+
+def _safe_name(name: str) -> str:
+    path = PurePosixPath(name)
+    if not name or path.is_absolute() or ".." in path.parts or "\0" in name:
+        raise BadArchive(f"member {name!r} would leave the staging folder")
+    return str(path)
+
+
+def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, staging: Path,
+             seen: dict[str, str]) -> None:
+    name = _safe_name(member.name)
+    target = staging / name
+    if not inside(staging, str(target.parent)):
+        raise BadArchive(f"member {name!r} goes through a link out of the staging folder")
+    if member.isdir():
+        target.mkdir(parents=True, exist_ok=True)
+        os.chmod(target, 0o700 | (member.mode & 0o777))
+        seen[name] = "dir"
+    elif member.issym():
+        link_at = os.path.join(os.path.dirname(target), member.linkname)
+        if os.path.isabs(member.linkname) or not inside(staging, link_at):
+            raise BadArchive(f"link {name!r} -> {member.linkname!r} points out of the world")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(member.linkname, target)
+        seen[name] = "link:" + member.linkname
+    elif member.isreg():
+        seen[name] = _extract_file(tar, member, target)
+    else:
+        raise BadArchive(f"member {name!r} is a {_kind(member)}; only files, folders "
+                         "and links inside the world are restored")
+    _set_owner(target, member)
+
+
+def _extract_file(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> str:
+    source = tar.extractfile(member)
+    assert source is not None  # a regular member always has data
+    target.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    digest = hashlib.sha256()
+    with os.fdopen(os.open(target, flags, 0o600), "wb") as out:
+        while chunk := source.read(CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+    os.chmod(target, member.mode & 0o777)
+    os.utime(target, (member.mtime, member.mtime))
+    return f"{member.size}:{digest.hexdigest()}"
+
+
+def _set_owner(target: Path, member: tarfile.TarInfo) -> None:
+    # Only root can give files back to the game's user; others restore as themselves.
+    if os.geteuid() == 0:
+        os.lchown(target, member.uid, member.gid)
+
+
+def _kind(member: tarfile.TarInfo) -> str:
+    if member.islnk():
+        return "hard link"
+    if member.ischr() or member.isblk():
+        return "device"
+    if member.isfifo():
+        return "fifo"
+    return f"member of type {member.type!r}"
+
+
+def _check_manifest(raw: bytes, expected_sha: str | None, seen: dict[str, str]) -> Extracted:
+    if not raw:
+        raise BadArchive("the archive has no manifest")
+    if expected_sha is not None and hashlib.sha256(raw).hexdigest() != expected_sha:
+        raise BadArchive("the archive's manifest is not the one recorded for this backup")
+    try:
+        manifest = json.loads(raw)
+        files = {name: f"{e['size']}:{e['sha256']}" for name, e in manifest["files"].items()}
+        dirs = {name: "dir" for name in manifest["dirs"]}
+        links = {name: "link:" + t for name, t in manifest["links"].items()}
+        paths = [str(p) for p in manifest["paths"]]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BadArchive(f"the manifest is malformed: {exc}") from None
+    expected = {**files, **dirs, **links}
+    if expected != seen:
+        wrong = sorted(set(expected.items()) ^ set(seen.items()))
+        raise BadArchive(f"the archive does not match its manifest: {wrong[:5]}")
+    for name in seen:
+        if not any(name == p or name.startswith(p + "/") for p in paths):
+            raise BadArchive(f"member {name!r} is outside the backup's paths")
+    return Extracted(paths, len(files), manifest)

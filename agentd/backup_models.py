@@ -1,0 +1,111 @@
+"""The backup and files part of the agent's API contract (docs/agent-api.md).
+
+Like models.py, this module is imported by `zlh` and needs nothing of the agent's runtime.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from agentd.models import Model
+
+BackupResultKind = Literal["ok", "failed", "partial"]
+
+
+class BackupRecord(BaseModel):
+    """One backup as `STATE/backups/index.json` keeps it.
+
+    `result`: ok (consistent), partial (some file changed while it was read; listed in
+    `changed_files`), failed (no archive; `error` says why). Only ok backups count for
+    retention. `seq` orders backups by creation, whatever the clock said.
+    """
+
+    id: str
+    seq: int
+    time: float
+    playbook: str | None = None
+    result: BackupResultKind
+    size: int = 0
+    sha256: str | None = None
+    manifest_sha256: str | None = None
+    files: int = 0
+    bytes_in: int = 0
+    duration: float = 0.0
+    quiesced: bool = False
+    quiesced_seconds: float = 0.0
+    changed_files: list[str] = Field(default_factory=list)
+    skipped: list[str] = Field(default_factory=list, description="sockets, fifos, links out")
+    error: str | None = None
+
+
+class BackupList(BaseModel):
+    running: str | None = Field(None, description="the operation under way, if any")
+    backups: list[BackupRecord] = Field(default_factory=list, description="oldest first")
+
+
+class KeepPolicy(Model):
+    """Retention with restic's meaning; None (or 0) for a rule that is not used."""
+
+    keep_last: int | None = Field(None, ge=0, le=100_000)
+    keep_hourly: int | None = Field(None, ge=0, le=100_000)
+    keep_daily: int | None = Field(None, ge=0, le=100_000)
+    keep_weekly: int | None = Field(None, ge=0, le=100_000)
+    keep_monthly: int | None = Field(None, ge=0, le=100_000)
+
+    def empty(self) -> bool:
+        return not any(getattr(self, name) for name in KeepPolicy.model_fields)
+
+
+class PruneRequest(KeepPolicy):
+    dry_run: bool = False
+
+
+class PruneEntry(BaseModel):
+    id: str
+    time: float
+    result: BackupResultKind
+    reasons: list[str] = Field(default_factory=list)
+
+
+class PruneResult(BaseModel):
+    dry_run: bool
+    keep: list[PruneEntry] = Field(default_factory=list)
+    remove: list[PruneEntry] = Field(default_factory=list)
+
+
+class BackupRequest(Model):
+    prune: KeepPolicy | None = Field(None, description="prune after an ok backup only")
+
+
+class BackupOutcome(BaseModel):
+    backup: BackupRecord
+    prune: PruneResult | None = None
+
+
+class RestoreRequest(Model):
+    timeout: float | None = Field(None, gt=0, le=3600, description="ready within; seconds")
+
+
+class RestoreResult(BaseModel):
+    id: str
+    paths: list[str]
+    files: int
+    ready: bool
+    seconds: float
+
+
+class FileInfo(BaseModel):
+    name: str
+    path: str = Field(description="relative to the server root")
+    type: Literal["file", "dir", "link", "other"]
+    size: int
+    mtime: float
+    mode: int
+    sha256: str | None = None
+
+
+class FileListing(BaseModel):
+    path: str
+    entries: list[FileInfo]
