@@ -152,7 +152,9 @@ class Holder:
             os.unlink(base + ".sock")
         except FileNotFoundError:
             pass
-        self.listener.bind(base + ".sock")
+        # A socket path is limited to 107 bytes; bound relative to the folder, it is not.
+        os.chdir(launch["dir"])
+        self.listener.bind(launch["name"] + ".sock")
         os.chmod(base + ".sock", 0o600)
         self.listener.listen(4)
         self.agent = None
@@ -261,7 +263,14 @@ def main():
     except OSError as exc:
         os.write(info_fd, json.dumps({"error": str(exc)}).encode() + b"\n")
         return 1
-    holder = Holder(launch, pid, master_fd)
+    try:
+        holder = Holder(launch, pid, master_fd)
+    except BaseException as exc:  # noqa: BLE001 - the agent must learn why, then we leave
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        reason = f"holder: {type(exc).__name__}: {exc}"
+        os.write(info_fd, json.dumps({"error": reason}).encode() + b"\n")
+        return 1
     os.write(info_fd, json.dumps({"holder": os.getpid(), "pid": pid}).encode() + b"\n")
     os.close(info_fd)
     return holder.run()

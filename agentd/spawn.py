@@ -246,14 +246,18 @@ def spawn(launch: Launch, folder: Path, name: str) -> Child:
 def _connect(folder: Path, name: str, program: Identity, holder: Identity,
              marker: str) -> Child:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # A socket path is limited to 107 bytes; through a folder descriptor it stays short.
+    folder_fd = os.open(folder, os.O_PATH | os.O_DIRECTORY)
     try:
-        sock.connect(str(folder / f"{name}.sock"))
+        sock.connect(f"/proc/self/fd/{folder_fd}/{name}.sock")
     except OSError as exc:
         sock.close()
         # The holder is there but not listening: it is finishing (program exited).
         if holder.alive():
             os.kill(holder.pid, signal.SIGKILL)
         raise SpawnError(f"cannot reach the holder of {name}: {exc}") from None
+    finally:
+        os.close(folder_fd)
     sock.setblocking(False)
     return Child(name, program, holder, marker, folder, sock, os.pidfd_open(holder.pid),
                  Spool(folder / name))

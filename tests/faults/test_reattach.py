@@ -124,3 +124,15 @@ def test_no_console_line_lost_across_agent_kill(box, tmp_path):
         if "flood line" in text:
             seen.add(int(text.split()[4]))
     assert seen == set(range(total))
+
+
+def test_deep_state_folder_beyond_socket_path_limit(tmp_path):
+    deep = tmp_path / ("d" * 60) / ("e" * 60) / "box"
+    agent = AgentProcess(deep).start()
+    try:
+        agent.put_spec(game())
+        before = agent.wait_state("game", "running")
+        restart_agent(agent)
+        assert agent.wait_state("game", "running")["pid"] == before["pid"]
+    finally:
+        agent.stop()
