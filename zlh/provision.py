@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from zlh import records
+from zlh import devcontainer, records, tiers
 from zlh.errors import (
     ConflictError,
     IntegrityError,
@@ -57,6 +57,8 @@ AGENT_START_TIMEOUT = 30.0
 LAUNCHERS = {"flying-squid": "squid-launcher.js"}
 DATA = Path(__file__).parent / "data"
 PROVIDER = "local"
+# The processes a server is ready with: the game, or a dev container's IDE.
+READY_KINDS = ("game", "ide")
 
 StepCallback = Callable[[str, str], None]
 """Called with (step, event): event is "start", "done" or "skip"."""
@@ -69,6 +71,8 @@ class ProvisionRequest:
     values: dict[str, str] = field(default_factory=dict)
     allow_unpinned: bool = False
     timeout: float = 300.0
+    tier: str | None = None  # default: the playbook's
+    owner: str | None = None  # default: the operator's login name
 
 
 @dataclass
@@ -100,6 +104,7 @@ def provision(request: ProvisionRequest, on_step: StepCallback | None = None) ->
     playbooks.resolve_values(playbook, request.values)
     _check_pinned(playbook, request.allow_unpinned)
     playbooks.require_system_artifacts(playbook)
+    tiers.for_request(playbook, request.tier)
 
     home = zlh_home()
     with _name_lock(home, request.name):
@@ -260,6 +265,9 @@ class _Run:
         for port_name, port in self.playbook.ports.items():
             ports[port_name] = free_port(port.protocol, taken)
             taken.add(ports[port_name])
+        tier = tiers.for_request(self.playbook, self.request.tier)
+        owner = self.request.owner or tiers.default_owner()
+        tiers.admit(owner, tier)
 
         records.add(
             Server(
@@ -270,6 +278,9 @@ class _Run:
                 agent_port=agent_port,
                 ports=ports,
                 values=dict(self.request.values),
+                owner=owner,
+                tier=tier.name,
+                resources=tier.resources.model_dump(),
                 step="registered",
                 status="provisioning",
             )
@@ -280,6 +291,7 @@ class _Run:
         assert self.record.agent_port is not None
         provider_id = self.provider.create(self.record.name, self.record.agent_port)
         token_path = self.provider.token_path(self.record.name)
+        devcontainer.prepare(self.playbook, self.provider, self.record.name)
         records.update(
             self.record.name, "container-created", provider_id,
             provider_id=provider_id, token_path=str(token_path),
@@ -289,6 +301,7 @@ class _Run:
         root = self.provider.server_root(self.request.name)
         for artifact in self.playbook.artifacts:
             _install_artifact(artifact, root, self.home / "cache", self.request.allow_unpinned)
+        devcontainer.install(self.playbook, self.provider, self.request.name, self.home / "cache")
 
     def _render_files(self) -> None:
         from zlh import playbooks
@@ -315,7 +328,8 @@ class _Run:
             protocol = self.playbook.ports[port_name].protocol
             require_free(number, protocol, f"{port_name} of {self.record.name}")
 
-        spec = self._rendered().spec
+        spec = devcontainer.complete_spec(self._rendered().spec, self.playbook, self.record,
+                                          self.provider)
         with agent_client(self.record) as client:
             client.set_provisioning(Provisioning(state="running", step="spec-applied"))
             client.put_spec(spec)
@@ -387,7 +401,7 @@ def _copy_launcher(package: str, root: Path) -> None:
 
 
 def _games_ready(status: Status) -> bool:
-    games = [p for p in status.processes if p.kind == "game"]
+    games = [p for p in status.processes if p.kind in READY_KINDS]
     return bool(games) and all(p.ready for p in games)
 
 
@@ -395,7 +409,7 @@ def _raise_if_fatal(status: Status) -> None:
     from zlh.console import strip_ansi
 
     for process in status.processes:
-        if process.kind != "game" or process.state != "fatal":
+        if process.kind not in READY_KINDS or process.state != "fatal":
             continue
         why = ""
         crash = process.last_crash
@@ -409,7 +423,7 @@ def _raise_if_fatal(status: Status) -> None:
 
 
 def _game_states(status: Status) -> str:
-    games = [p for p in status.processes if p.kind == "game"]
+    games = [p for p in status.processes if p.kind in READY_KINDS]
     return ", ".join(f"{p.name} {p.state}" for p in games) or "no game process"
 
 

@@ -17,6 +17,8 @@ def provision(
     allow_unpinned: bool = typer.Option(
         False, "--allow-unpinned", help="Install artifacts that have no known sha256."
     ),
+    tier: str = typer.Option(None, "--tier", help="Resource tier (default: the playbook's)."),
+    owner: str = typer.Option(None, "--owner", help="Who the server is for (quotas)."),
     timeout: float = typer.Option(300.0, "--timeout", min=1, help="Seconds to wait for ready."),
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -32,6 +34,8 @@ def provision(
         values=parse_values(sets),
         allow_unpinned=allow_unpinned,
         timeout=timeout,
+        tier=tier,
+        owner=owner,
     )
     as_json = want_json(json_output)
     with _progress(enabled=not as_json and sys.stderr.isatty()) as on_step:

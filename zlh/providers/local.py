@@ -86,6 +86,7 @@ class LocalProvider:
             "token_file": str(token_file),
             "state_dir": str(top / "var/lib/zlh"),
             "server_root": str(self.server_root(name)),
+            "root": str(top),  # env_files (the IDE password) are read from here
             "console_ring": CONSOLE_RING,
         }
         (top / "etc/zlh/agentd.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

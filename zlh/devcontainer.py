@@ -1,0 +1,67 @@
+"""What provisioning adds to a playbook's spec for tiers and dev containers.
+
+- every server: the tier's disk as the agent's `disk_limit_bytes`;
+- a playbook with `dev.code_server`: the IDE password (created at container-created),
+  code-server linked into the container (artifacts-installed) and the `ide` process.
+
+The container's root on this machine is the provider's folder for the local provider;
+others lay the container out the same way (`/srv/zlh` is the server root), so it is the
+server root's grandparent. Files are written here, so providers whose containers are
+not reachable as folders need their own copy step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from agentd.models import ServerSpec
+from zlh import codeserver
+from zlh.inventory import Server
+from zlh.playbooks import Playbook
+
+DEV_USER = "dev"
+GIB = 2**30
+
+
+def wants_ide(playbook: Playbook) -> bool:
+    return playbook.dev is not None and playbook.dev.code_server
+
+
+def container_root(provider: Any, name: str) -> Path:
+    folder = getattr(provider, "folder", None)
+    if callable(folder):
+        return Path(folder(name))
+    return Path(provider.server_root(name)).parent.parent
+
+
+def ide_user(provider: Any) -> str | None:
+    """`dev` in a real container; the local provider's agent runs as the operator."""
+    return None if provider.name == "local" else DEV_USER
+
+
+def prepare(playbook: Playbook, provider: Any, name: str) -> None:
+    """At container-created: the IDE password, kept when it exists (a resumed run)."""
+    if wants_ide(playbook):
+        root = container_root(provider, name)
+        codeserver.ensure_secret(root)
+        codeserver.prepare_folders(root)
+
+
+def install(playbook: Playbook, provider: Any, name: str, cache: Path) -> None:
+    """At artifacts-installed: code-server linked in from the npm cache."""
+    if wants_ide(playbook):
+        codeserver.install(container_root(provider, name), cache)
+
+
+def complete_spec(spec: ServerSpec, playbook: Playbook, record: Server,
+                  provider: Any) -> ServerSpec:
+    """The rendered spec plus the disk limit and, for a dev container, the IDE."""
+    processes = list(spec.processes)
+    if wants_ide(playbook):
+        layout = codeserver.IdeLayout(container_root(provider, record.name),
+                                      int(record.ports["ide"]), ide_user(provider))
+        processes.append(codeserver.process_spec(layout))
+    disk_gb = record.resources.get("disk_gb")
+    limit = int(disk_gb) * GIB if disk_gb else None
+    return spec.model_copy(update={"processes": processes, "disk_limit_bytes": limit})
