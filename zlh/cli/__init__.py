@@ -88,7 +88,9 @@ def _wrap_commands(group: typer.Typer) -> None:
 def _register() -> None:
     from zlh.cli import artifacts, catalog, console, demo, playbooks, provision, servers
 
-    for group in (demo, provision, servers, console, playbooks, catalog, artifacts):
+    from zlh.cli import ide
+
+    for group in (demo, provision, servers, console, playbooks, catalog, artifacts, ide):
         group.register(app)
     _wrap_commands(app)
 

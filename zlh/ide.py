@@ -1,0 +1,167 @@
+"""`zlh ide`: where a dev container's browser IDE is and how to log in; password rotation.
+
+The hosted URL comes from a pattern in the operator config, filled with the container's
+vmid (the provider id; the server name on the local provider), the name and the domain:
+
+    ide_url: https://dev-{vmid}.{domain}/
+    domain: example.net
+
+The password is never printed unless asked for (`--show-password`); the file holding it
+(mode 0600) is named instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from zlh import codeserver, records
+from zlh.devcontainer import container_root
+from zlh.errors import ConfigError, NotFoundError, ProvisionError, UsageError, ZlhError
+from zlh.inventory import Server
+from zlh.yamlfile import display_path, read_yaml, validate
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 60.0
+POLL_S = 0.25
+
+
+class IdeConfig(BaseModel):
+    """The operator config's keys for the IDE; the file's other keys are not ours."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    ide_url: str | None = None
+    domain: str | None = None
+
+
+@dataclass
+class IdeAccess:
+    name: str
+    url: str
+    local: bool
+    user: str | None  # who code-server runs as; None when the agent did not answer
+    state: str
+    ready: bool
+    password_file: str
+    password: str | None  # only with --show-password
+
+
+@dataclass
+class Rotated:
+    name: str
+    password_file: str
+    state: str
+    ready: bool
+    pid: int | None
+
+
+def load_config() -> IdeConfig:
+    from zlh.paths import config_path
+
+    path = config_path()
+    if not path.is_file():
+        return IdeConfig()
+    doc = read_yaml(path)
+    return validate(doc, IdeConfig) if isinstance(doc.data, dict) else IdeConfig()
+
+
+def ide_access(name: str, local: bool = False, show_password: bool = False) -> IdeAccess:
+    record = _dev_server(name)
+    url = local_url(record) if local else hosted_url(record, load_config())
+    state, ready, user = _process_state(record)
+    root = _container(record)
+    password = codeserver.read_password(root) if show_password else None
+    path = str(codeserver.password_path(root))
+    return IdeAccess(name, url, local, user, state, ready, path, password)
+
+
+def hosted_url(record: Server, config: IdeConfig) -> str:
+    if not config.ide_url:
+        raise ConfigError("no ide_url in the operator config (for example "
+                          "`ide_url: https://dev-{vmid}.{domain}/`); on the local provider, "
+                          "use --local")
+    vmid = record.name if record.provider == "local" else (record.provider_id or record.name)
+    try:
+        return config.ide_url.format(vmid=vmid, name=record.name, domain=config.domain or "")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(f"ide_url {config.ide_url!r}: {exc!r} is not one of "
+                          "{vmid}, {name}, {domain}") from None
+
+
+def local_url(record: Server) -> str:
+    if record.provider != "local":
+        raise UsageError(f"--local works for the local provider; {record.name} runs on "
+                         f"{record.provider}")
+    return f"http://{record.address or '127.0.0.1'}:{record.ports['ide']}/"
+
+
+def rotate(name: str) -> Rotated:
+    """A new password (atomic, 0600), then code-server restarted to take it."""
+    from zlh.servers import agent_client
+
+    record = _dev_server(name)
+    path = codeserver.rotate_secret(_container(record))
+    log.info("IDE password of %s replaced in %s", name, path)
+    with agent_client(record, timeout=60) as client:
+        client.action(codeserver.PROCESS, "restart")
+        process = _wait_ready(client, name)
+    return Rotated(name, str(path), process.state, process.ready, process.pid)
+
+
+def _wait_ready(client: object, name: str) -> object:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        status = client.status()  # type: ignore[attr-defined]  # an AgentClient
+        process = next(p for p in status.processes if p.name == codeserver.PROCESS)
+        if process.ready or process.state == "fatal" or time.monotonic() > deadline:
+            if not process.ready:
+                raise ProvisionError(f"code-server of {name} is {process.state} after the "
+                                     f"restart; see `zlh console {name}` (ide)")
+            return process
+        time.sleep(POLL_S)
+
+
+def _dev_server(name: str) -> Server:
+    record = records.get(name)
+    if "ide" not in record.ports:
+        raise NotFoundError(f"{name} has no IDE (playbook {record.playbook} is not a dev "
+                            "playbook with code_server)")
+    return record
+
+
+def _container(record: Server) -> Path:
+    """The container's root folder; it must hold the IDE password already."""
+    from zlh.paths import zlh_home
+    from zlh.providers import get_provider
+
+    root = container_root(get_provider(record.provider, zlh_home()), record.name)
+    path = codeserver.password_path(root)
+    if not path.is_file():
+        raise NotFoundError(f"no IDE password for {record.name} at {display_path(path)}; "
+                            f"re-run `zlh provision {record.playbook} {record.name}`")
+    return root
+
+
+def _process_state(record: Server) -> tuple[str, bool, str | None]:
+    from zlh.servers import agent_client
+
+    try:
+        with agent_client(record, timeout=5) as client:
+            status = client.status()
+            spec = client.get_spec()
+    except ZlhError as exc:
+        log.warning("agent of %s: %s", record.name, exc)
+        return "unknown (agent unreachable)", False, None
+    # The spec's user when the agent switches to it; the agent's own user otherwise.
+    wanted = next((p.user for p in spec.processes if p.name == codeserver.PROCESS), None)
+    user = wanted or status.agent.user
+    for process in status.processes:
+        if process.name == codeserver.PROCESS:
+            return process.state, process.ready, user
+    return "absent", False, user
