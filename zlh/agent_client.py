@@ -32,6 +32,8 @@ ConsoleRecord = ConsoleLine | ConsoleGap
 ACTIONS = ("start", "stop", "restart", "kill")
 # A stop waits for the game's own shutdown (grace + term_grace in its StopSpec).
 ACTION_TIMEOUT = 120.0
+# A backup or restore of a big world, or a big upload, takes a while.
+LONG_TIMEOUT = 3600.0
 
 
 class AgentClient:
@@ -120,6 +122,53 @@ class AgentClient:
         answer = self._request("POST", f"/v1/processes/{name}/console", json={"line": line})
         return int(answer.json().get("seq", -1))
 
+    # -- backups and files (agentd/backup_models.py) ----------------------------------
+
+    def backups(self) -> Any:
+        from agentd.backup_models import BackupList
+
+        return BackupList.model_validate(self._request("GET", "/v1/backups").json())
+
+    def backup(self, prune: Any = None) -> Any:
+        from agentd.backup_models import BackupOutcome
+
+        body = {"prune": prune.model_dump()} if prune is not None else {}
+        answer = self._request("POST", "/v1/backups", json=body, timeout=LONG_TIMEOUT)
+        return BackupOutcome.model_validate(answer.json())
+
+    def restore(self, backup_id: str, timeout: float | None = None) -> Any:
+        from agentd.backup_models import RestoreResult
+
+        answer = self._request("POST", f"/v1/backups/{backup_id}/restore",
+                               json={"timeout": timeout}, timeout=LONG_TIMEOUT)
+        return RestoreResult.model_validate(answer.json())
+
+    def prune(self, request: Any) -> Any:
+        from agentd.backup_models import PruneResult
+
+        answer = self._request("POST", "/v1/backups/prune", json=request.model_dump())
+        return PruneResult.model_validate(answer.json())
+
+    def stream(self, method: str, url: str, **kwargs: Any) -> Any:
+        """A streamed answer (a context manager); error answers raise as usual."""
+        return _Streamed(self, method, url, kwargs)
+
+    def files_put(self, path: str, content: Any) -> Any:
+        from agentd.backup_models import FileInfo
+
+        answer = self._request("PUT", "/v1/files", params={"path": path}, content=content,
+                               timeout=LONG_TIMEOUT)
+        return FileInfo.model_validate(answer.json())
+
+    def files_list(self, path: str) -> Any:
+        return self._request("GET", "/v1/files", params={"path": path})
+
+    def files_delete(self, path: str, recursive: bool = False) -> Any:
+        from agentd.backup_models import FileInfo
+
+        params = {"path": path, "recursive": str(recursive).lower()}
+        return FileInfo.model_validate(self._request("DELETE", "/v1/files", params=params).json())
+
     # -- plumbing ---------------------------------------------------------------------
 
     def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
@@ -140,6 +189,28 @@ class AgentClient:
             reason = type(exc).__name__
         log.debug("agent %s unreachable: %r", self.base_url, exc)
         return AgentUnreachableError(f"agent at {self.base_url} does not answer ({reason})")
+
+
+class _Streamed:
+    def __init__(self, client: AgentClient, method: str, url: str, kwargs: Any) -> None:
+        self._client, self._args, self._kwargs = client, (method, url), kwargs
+        self._context: Any = None
+
+    def __enter__(self) -> httpx.Response:
+        timeout = httpx.Timeout(10.0, read=LONG_TIMEOUT)
+        self._context = self._client._http.stream(*self._args, timeout=timeout, **self._kwargs)
+        try:
+            answer = self._context.__enter__()
+        except httpx.TransportError as exc:
+            raise self._client._unreachable(exc) from exc
+        if answer.is_error:
+            answer.read()
+            self._context.__exit__(None, None, None)
+            raise _request_error(answer)
+        return answer  # type: ignore[no-any-return]  # httpx's stream context
+
+    def __exit__(self, *exc: object) -> None:
+        self._context.__exit__(*exc)
 
 
 def prepare() -> None:

@@ -92,6 +92,10 @@ def _register() -> None:
 
     for group in (demo, provision, servers, console, playbooks, catalog, artifacts, ide):
         group.register(app)
+    from zlh.cli import backup, files
+
+    backup.register(app)
+    files.register(app)
     _wrap_commands(app)
 
 

@@ -1,0 +1,93 @@
+"""Server files (mods, configs) through the agent's files API, under the server root only."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from zlh import records
+from zlh.errors import UsageError
+
+if TYPE_CHECKING:
+    from agentd.backup_models import FileInfo, FileListing
+
+CHUNK = 1 << 20
+
+
+def _client(name: str) -> Any:
+    from zlh.servers import agent_client
+
+    return agent_client(records.get(name))
+
+
+def ls(name: str, path: str) -> FileListing | FileInfo:
+    """A folder's entries, or one file's details."""
+    from agentd.backup_models import FileInfo, FileListing
+
+    with _client(name) as client:
+        answer = client.files_list(path)
+    if answer.headers.get("content-type", "").startswith("application/json"):
+        return FileListing.model_validate(answer.json())
+    return FileInfo(name=Path(path).name, path=path, type="file", size=len(answer.content),
+                    mtime=0, mode=int(answer.headers.get("x-file-mode", "0"), 8),
+                    sha256=hashlib.sha256(answer.content).hexdigest())
+
+
+@dataclass
+class Fetched:
+    path: str
+    dest: str
+    size: int
+    sha256: str
+
+
+def get(name: str, path: str, dest: Path | None, out: BinaryIO) -> Fetched:
+    """Download a file to `dest` (renamed when complete), or to `out` when dest is None."""
+    target = dest / Path(path).name if dest is not None and dest.is_dir() else dest
+    tmp = target.with_name(f".{target.name}.part") if target is not None else None
+    digest, size = hashlib.sha256(), 0
+    with _client(name) as client, client.stream("GET", "/v1/files", params={"path": path}) as r:
+        if r.headers.get("content-type", "").startswith("application/json"):
+            raise UsageError(f"{path!r} is a folder; use `zlh files ls`")
+        sink = open(tmp, "xb") if tmp is not None else out
+        try:
+            for chunk in r.iter_bytes(CHUNK):
+                digest.update(chunk)
+                sink.write(chunk)
+                size += len(chunk)
+        except BaseException:
+            if tmp is not None:
+                sink.close()
+                tmp.unlink(missing_ok=True)
+            raise
+    if tmp is not None and target is not None:
+        sink.close()
+        os.replace(tmp, target)
+    return Fetched(path, str(target) if target else "-", size, digest.hexdigest())
+
+
+def put(name: str, source: Path, path: str) -> FileInfo:
+    """Upload a local file to `path` under the server root (written atomically there)."""
+    if not source.is_file():
+        raise UsageError(f"{source} is not a file")
+    local = hashlib.sha256()
+    with open(source, "rb") as handle, _client(name) as client:
+        def chunks() -> Any:
+            while chunk := handle.read(CHUNK):
+                local.update(chunk)
+                yield chunk
+        info: FileInfo = client.files_put(path, chunks())
+    if info.sha256 != local.hexdigest():
+        from zlh.errors import IntegrityError
+
+        raise IntegrityError(f"{path}: the agent stored sha256 {info.sha256}, "
+                             f"the local file has {local.hexdigest()}")
+    return info
+
+
+def rm(name: str, path: str, recursive: bool) -> FileInfo:
+    with _client(name) as client:
+        return client.files_delete(path, recursive)  # type: ignore[no-any-return]
