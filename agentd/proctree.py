@@ -60,8 +60,11 @@ def members(root: Identity, marker: str) -> list[psutil.Process]:
     leader = root.process()
     if leader is not None:
         found[leader.pid] = leader
-        for child in leader.children(recursive=True):
-            found[child.pid] = child
+        try:
+            for child in leader.children(recursive=True):
+                found[child.pid] = child
+        except psutil.Error:
+            pass  # the leader exited while we listed; the scan below still finds the rest
     needle = f"{MARKER_VAR}={marker}\0".encode()
     me = os.getpid()
     for proc in psutil.process_iter(["pid"]):

@@ -180,7 +180,8 @@ def test_stop_while_starting_is_not_a_crash(agent):
 def test_kill_is_immediate_and_no_restart(agent):
     agent.put_spec(game(argv=fake("--ignore-term"), restart={"policy": "always"}))
     pid = agent.wait_state("game", "running")["pid"]
-    assert agent.action("game", "kill").json()["state"] == "stopped"
+    killed = agent.action("game", "kill")
+    assert killed.json().get("state") == "stopped", (killed.text, agent.logs()[-3000:])
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
     assert agent.process("game")["last_crash"] is None
 
