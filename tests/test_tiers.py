@@ -1,0 +1,262 @@
+"""Tiers, quotas and the agent's disk watch."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.agentfix import AgentProcess, poll
+from zlh import inventory, tiers
+from zlh.errors import ConflictError, UsageError
+from zlh.playbooks import Resources, load_playbook
+
+ZLH = [sys.executable, "-c", "from zlh.cli import main; main()"]
+TINY = {"memory_mb": 256, "cores": 1, "disk_gb": 1, "swap_mb": 0}
+
+
+def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*ZLH, *args], env=env, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=240)
+
+
+@pytest.fixture
+def operator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """ZLH_HOME and XDG_CONFIG_HOME in tmp_path, for this process and for `zlh` runs."""
+    home, config = tmp_path / "zlh", tmp_path / "config"
+    home.mkdir(mode=0o700)
+    (config / "zlh").mkdir(parents=True)
+    monkeypatch.setenv("ZLH_HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(config))
+    env = {**os.environ}
+    env.pop("ZLH_DEBUG", None)
+    yield env
+
+
+def _configure(env: dict[str, str], **sections: object) -> None:
+    path = Path(env["XDG_CONFIG_HOME"]) / "zlh/config.yaml"
+    # Keys of other parts of zlh sit in the same file; they must not disturb the tiers.
+    path.write_text(yaml.safe_dump({"artifacts_url": "http://127.0.0.1:1/", **sections}))
+
+
+# -- resolving a tier ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("configured", "asked", "source", "memory"), [
+    ({}, None, "playbook", 1024),
+    ({}, "large", "playbook", 4096),
+    ({"small": TINY}, None, "operator config", 256),
+    ({"huge": {**TINY, "memory_mb": 8192}}, "huge", "operator config", 8192),
+], ids=["playbook-default", "playbook-named", "config-overrides", "config-only"])
+def test_a_tier_comes_from_config_then_playbook(
+    operator: dict[str, str], configured: dict, asked: str | None, source: str, memory: int
+) -> None:
+    _configure(operator, tiers=configured)
+
+    tier = tiers.for_request(load_playbook("dev-node"), asked)
+
+    assert (tier.source, tier.resources.memory_mb) == (source, memory)
+
+
+def test_a_built_in_tier_fills_in_what_the_playbook_lacks(operator: dict[str, str]) -> None:
+    tier = tiers.for_request(load_playbook("minetest"), "large")
+
+    assert (tier.source, tier.resources) == ("built-in", tiers.DEFAULT_TIERS["large"])
+    assert tier.disk_limit_bytes == 40 * 2**30
+
+
+def test_an_unknown_tier_is_a_usage_error(operator: dict[str, str]) -> None:
+    _configure(operator, tiers={"gpu": TINY})
+
+    with pytest.raises(UsageError) as info:
+        tiers.for_request(load_playbook("dev-node"), "xl")
+
+    assert str(info.value) == "--tier xl: no such tier; known: gpu, large, medium, small"
+
+
+def test_a_bad_tier_in_the_config_names_the_line(operator: dict[str, str]) -> None:
+    _configure(operator, tiers={"small": {**TINY, "cores": 0}})
+
+    with pytest.raises(Exception) as info:
+        tiers.load_config()
+
+    assert "config.yaml:" in str(info.value) and "tiers.small.cores" in str(info.value)
+
+
+# -- quotas ----------------------------------------------------------------------------
+
+
+def _server(name: str, owner: str, memory_mb: int) -> inventory.Server:
+    return inventory.Server(name=name, playbook="dev-node", provider="local", owner=owner,
+                            tier="small", resources={**TINY, "memory_mb": memory_mb})
+
+
+def _tier(memory_mb: int) -> tiers.Tier:
+    return tiers.Tier("small", Resources(**{**TINY, "memory_mb": memory_mb}), "playbook")
+
+
+@pytest.mark.parametrize(("limits", "message"), [
+    ({"servers_per_owner": 2},
+     "quota: owner ann already has 2 server(s) and the limit is 2 (servers_per_owner, "
+     "limits in the operator config)"),
+    ({"total_memory_mb": 4000},
+     "quota: tier small needs 1024 MiB; with the 3072 MiB already given out that is "
+     "4096 MiB, over the limit of 4000 MiB (total_memory_mb, limits in the operator config)"),
+], ids=["servers-per-owner", "total-memory"])
+def test_a_server_over_a_limit_is_refused(
+    operator: dict[str, str], limits: dict, message: str
+) -> None:
+    _configure(operator, limits=limits)
+    with inventory.Inventory() as db:
+        db.add(_server("a1", "ann", 1024))
+        db.add(_server("a2", "ann", 1024))
+        db.add(_server("b1", "bob", 1024))
+
+    with pytest.raises(ConflictError) as info:
+        tiers.admit("ann", _tier(1024))
+
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(("limits", "owner"), [
+    ({}, "ann"),
+    ({"servers_per_owner": 2}, "bob"),
+    ({"total_memory_mb": 4096}, "ann"),
+], ids=["no-limits", "other-owner-has-room", "exactly-at-the-memory-limit"])
+def test_a_server_within_the_limits_is_admitted(
+    operator: dict[str, str], limits: dict, owner: str
+) -> None:
+    _configure(operator, limits=limits)
+    with inventory.Inventory() as db:
+        db.add(_server("a1", "ann", 1024))
+        db.add(_server("a2", "ann", 2048))
+
+    tiers.admit(owner, _tier(1024))
+
+
+@pytest.mark.parametrize(("args", "config", "code", "error"), [
+    (["--tier", "xl"], {}, 2,
+     "zlh: error: --tier xl: no such tier; known: large, medium, small\n"),
+    (["--owner", "ann"], {"limits": {"servers_per_owner": 0}}, 5,
+     "zlh: error: provisioning dev1: step registered failed: quota: owner ann already has "
+     "0 server(s) and the limit is 0 (servers_per_owner, limits in the operator config)\n"),
+    (["--tier", "large"], {"limits": {"total_memory_mb": 2048}}, 5,
+     "zlh: error: provisioning dev1: step registered failed: quota: tier large needs 4096 "
+     "MiB; with the 0 MiB already given out that is 4096 MiB, over the limit of 2048 MiB "
+     "(total_memory_mb, limits in the operator config)\n"),
+], ids=["unknown-tier", "owner-quota", "memory-quota"])
+def test_provision_refuses_and_registers_nothing(
+    operator: dict[str, str], args: list[str], config: dict, code: int, error: str
+) -> None:
+    _configure(operator, **config)
+
+    done = _run(operator, "provision", "dev-node", "dev1", *args)
+
+    assert (done.returncode, done.stdout, done.stderr) == (code, "", error)
+    assert json.loads(_run(operator, "servers", "list", "--json").stdout) == []
+    assert not (Path(operator["ZLH_HOME"]) / "containers/dev1").exists()
+
+
+def test_provision_stores_tier_and_owner_and_gives_the_agent_the_disk_limit(
+    operator: dict[str, str]
+) -> None:
+    from tests.codeserverfix import code_server_cache
+    from tests.components import cache_root
+
+    code_server_cache()
+    home = Path(operator["ZLH_HOME"])
+    (home / "cache").symlink_to(cache_root(), target_is_directory=True)
+    try:
+        done = _run(operator, "provision", "dev-python", "dev2", "--tier", "medium",
+                    "--owner", "ann", "--json")
+        assert done.returncode == 0, done.stderr
+        with inventory.Inventory() as db:
+            row = db.get("dev2")
+        token = (home / "containers/dev2/etc/zlh/agent.token").read_text().strip()
+        import httpx
+
+        spec = httpx.get(f"http://127.0.0.1:{row.agent_port}/v1/spec",
+                         headers={"Authorization": f"Bearer {token}"}).json()
+    finally:
+        _run(operator, "delete", "dev2", "--yes")
+
+    assert (row.owner, row.tier, row.resources) == (
+        "ann", "medium", {"cores": 2, "memory_mb": 2048, "swap_mb": 1024, "disk_gb": 20})
+    assert spec["disk_limit_bytes"] == 20 * 2**30
+    assert [p["kind"] for p in spec["processes"]] == ["ide"]
+
+
+# -- the inventory's migration -----------------------------------------------------------
+
+
+def test_an_inventory_of_schema_1_gains_owner_tier_and_resources(tmp_path: Path) -> None:
+    path = tmp_path / "inventory.db"
+    db = sqlite3.connect(path)
+    old = inventory.SCHEMA.replace(
+        "    owner TEXT,\n    tier TEXT,\n    resources TEXT NOT NULL DEFAULT '{}',\n", "")
+    db.executescript(old + "PRAGMA user_version = 1;")
+    db.execute("INSERT INTO servers (name, playbook, provider, status, created_at, "
+               "updated_at) VALUES ('old', 'minetest', 'local', 'ready', 1, 1)")
+    db.commit()
+    db.close()
+
+    with inventory.Inventory(path) as migrated:
+        kept = migrated.get("old")
+        migrated.update("old", owner="ann")
+        version = migrated._db.execute("PRAGMA user_version").fetchone()[0]
+
+    assert (kept.owner, kept.tier, kept.resources, kept.status) == (None, None, {}, "ready")
+    assert version == inventory.SCHEMA_VERSION == 2
+
+
+# -- the agent's disk watch --------------------------------------------------------------
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[AgentProcess]:
+    running = AgentProcess(tmp_path / "agent", sample_interval=0.1, disk_check_interval=0.1)
+    try:
+        yield running.start()
+    finally:
+        running.stop()
+
+
+def _disk(agent: AgentProcess) -> dict:
+    assert agent.client is not None
+    return dict(agent.client.get("/v1/status").json()["disk"] or {})
+
+
+def test_disk_use_near_the_limit_is_a_warning_in_status_and_log(agent: AgentProcess) -> None:
+    assert agent.client is not None
+    srv = agent.root / "srv"
+    answer = agent.client.put("/v1/spec", json={"processes": [],
+                                                "disk_limit_bytes": 1_000_000})
+    assert answer.status_code == 200
+    (srv / "small").write_bytes(os.urandom(400_000))
+    calm = poll(lambda: (d := _disk(agent)).get("tree_bytes") and d, 10, "a disk figure")
+
+    (srv / "world").mkdir()
+    (srv / "world/region").write_bytes(os.urandom(520_000))
+    warned = poll(lambda: (d := _disk(agent)).get("warning") and d, 10, "a disk warning")
+
+    assert calm["warning"] is None and calm["limit_bytes"] == 1_000_000
+    assert warned["tree_bytes"] >= 900_000
+    assert warned["warning"].startswith("disk near the limit: the server root holds")
+    [record] = agent.events("disk_near_limit")
+    assert record["level"] == "warning" and record["limit_bytes"] == 1_000_000
+
+
+def test_without_a_limit_there_is_no_warning(agent: AgentProcess) -> None:
+    (agent.root / "srv/big").write_bytes(os.urandom(2_000_000))
+
+    disk = poll(lambda: (d := _disk(agent)).get("tree_bytes") and d, 10, "a disk figure")
+
+    assert disk["limit_bytes"] is None and disk["warning"] is None
+    assert agent.events("disk_near_limit") == []
