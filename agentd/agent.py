@@ -26,6 +26,7 @@ from agentd.errors import NotFound
 from agentd.files import ServerFiles
 from agentd.logs import fields
 from agentd.models import AgentInfo, Provisioning, ServerSpec, Status
+from agentd.runtimes import Runtimes
 from agentd.sampler import Sampler
 from agentd.supervisor import Supervisor
 
@@ -57,12 +58,16 @@ class Agent:
             folder.mkdir(parents=True, exist_ok=True)
         self.backups = BackupManager(config.state_dir, config.server_root, self)
         self.files = ServerFiles(config.server_root, config.max_upload_bytes)
+        self.runtimes = Runtimes(
+            config.runtimes_dir or config.root / "opt/zlh/runtimes",
+            config.profile_path or config.root / "etc/profile.d/zlh-runtimes.sh", self._pids)
 
     # -- life cycle ---------------------------------------------------------------------
 
     async def open(self) -> None:
         """Load the persisted spec and bring its processes up."""
         self.provisioning = self._load("provisioning.json", Provisioning) or Provisioning()
+        self.runtimes.open()  # before any spawn: the runtimes' PATH goes into children
         spec = self._load("spec.json", ServerSpec)
         self.sampler.start()
         if spec is not None:
@@ -160,6 +165,7 @@ class Agent:
         )
         return Status(
             agent=agent, provisioning=self.provisioning, processes=processes,
+            runtimes=self.runtimes.installed(),
             resources=sample.resources if sample else None, disk=sample.disk if sample else None,
         )
 

@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agentd.agent import Agent
 from agentd.api_backups import routes as backup_routes
+from agentd.api_runtimes import routes as runtime_routes
 from agentd.errors import AgentError, Invalid, TooLarge, Unauthorized
 from agentd.logs import fields
 from agentd.models import ConsoleInput, ErrorBody, ErrorDetail, Provisioning, ServerSpec
@@ -146,6 +147,7 @@ def create_app(agent: Agent, token: str) -> ASGIApp:
         Route("/v1/processes/{name}/console", console_write, methods=["POST"]),
         Route("/v1/processes/{name}/{action:str}", action, methods=["POST"]),
         *backup_routes(agent, limit),
+        *runtime_routes(agent, limit),
     ]
     app = Starlette(routes=routes, exception_handlers=_handlers())
     return BearerAuth(app, token)

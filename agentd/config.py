@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -19,6 +20,9 @@ class AgentConfig(BaseModel):
     state_dir: Path = Path("/var/lib/zlh")
     server_root: Path = Path("/srv/zlh")
     root: Path = Field(Path("/"), description="the container's root; env_files are in it")
+    runtimes_dir: Path | None = Field(None, description="default: ROOT/opt/zlh/runtimes")
+    profile_path: Path | None = Field(
+        None, description="PATH profile; default: ROOT/etc/profile.d/zlh-runtimes.sh")
     console_ring: int = Field(10_000, ge=100, le=1_000_000)
     console_log_max_bytes: int = Field(16 * 2**20, ge=4096)
     console_log_backups: int = Field(3, ge=0, le=100)
@@ -46,8 +50,16 @@ def load_config(path: Path) -> AgentConfig:
         where = ".".join(str(part) for part in first["loc"])
         raise ConfigFileError(f"{path}: {where}: {first['msg']}") from None
     base = path.parent
+    root = base / config.root
+    runtimes = config.runtimes_dir or Path("opt/zlh/runtimes")
+    profile = config.profile_path or Path("etc/profile.d/zlh-runtimes.sh")
     return config.model_copy(
         update={
+            # Normalised: these paths end up in PATH, where `etc/../opt` would be noise.
+            "runtimes_dir": Path(os.path.abspath((base if config.runtimes_dir else root)
+                                                 / runtimes)),
+            "profile_path": Path(os.path.abspath((base if config.profile_path else root)
+                                                 / profile)),
             "token_file": base / config.token_file,
             "state_dir": base / config.state_dir,
             "server_root": base / config.server_root,

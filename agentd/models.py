@@ -256,11 +256,50 @@ class AgentInfo(BaseModel):
     rss_bytes: int
 
 
+class RuntimeInstall(Model):
+    """`POST /v1/runtimes`: one artifact of a catalog entry, with an absolute URL."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")
+    version: str = Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")
+    url: str = Field(pattern=r"^https?://")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=1)
+    format: Literal["tar.zst", "tar.gz", "tar.xz", "tar", "zip"]
+    path: list[str] = Field(default_factory=list, description="folders to put on PATH")
+    verify: str | None = Field(None, description="command run in the runtime folder")
+    activate: bool = Field(True, description="switch NAME/current to it once installed")
+    timeout: float = Field(30.0, gt=0, le=3600, description="download: seconds without data")
+
+    @field_validator("path")
+    @classmethod
+    def _inside(cls, value: list[str]) -> list[str]:
+        for folder in value:
+            parts = folder.split("/")
+            if not folder or folder.startswith("/") or ".." in parts or ":" in folder:
+                raise ValueError(f"{folder!r} must be a relative folder inside the runtime")
+        return value
+
+
+class RuntimeInfo(BaseModel):
+    name: str
+    version: str
+    active: bool
+    sha256: str
+    size: int
+    url: str
+    path: list[str]
+    installed_at: float
+
+
+class RuntimeList(BaseModel):
+    runtimes: list[RuntimeInfo]
+
+
 class Status(BaseModel):
     agent: AgentInfo
     provisioning: Provisioning
     processes: list[ProcessStatus]
-    runtimes: list[dict[str, str]] = Field(default_factory=list)
+    runtimes: list[RuntimeInfo] = Field(default_factory=list)
     resources: Resources | None
     disk: Disk | None
 

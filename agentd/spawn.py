@@ -62,11 +62,21 @@ def read_env_files(files: tuple[tuple[str, Path], ...]) -> dict[str, str]:
     return values
 
 
+_runtime_path: tuple[str, ...] = ()
+
+
+def set_runtime_path(entries: list[str]) -> None:
+    """The active runtimes' PATH folders (agentd/runtimes.py): first in every child's PATH."""
+    global _runtime_path
+    _runtime_path = tuple(entries)
+
+
 def build_env(extra: dict[str, str], user: pwd.struct_passwd | None) -> dict[str, str]:
     """A clean environment: nothing from the agent's own leaks into the child. The
     identity variables describe the user it runs as (the agent's own when none is set)."""
     who = user or pwd.getpwuid(os.geteuid())
-    env = {"PATH": SYSTEM_PATH, "LANG": "C.UTF-8", "TERM": "xterm-256color",
+    env = {"PATH": ":".join((*_runtime_path, SYSTEM_PATH)), "LANG": "C.UTF-8",
+           "TERM": "xterm-256color",
            "HOME": who.pw_dir, "USER": who.pw_name, "LOGNAME": who.pw_name,
            "SHELL": who.pw_shell or "/bin/sh"}
     env.update(extra)

@@ -4,6 +4,7 @@
   `truncate`  announces N bytes, sends half, closes
   `stall`     sends the headers and part of the body, then nothing until closed
   `status`    answers with the given HTTP status
+  `gate`      sends the whole body once `gate` is set (to hold an install in flight)
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class FaultyServer:
         self.sock.listen(16)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.release = threading.Event()
+        self.gate = threading.Event()  # mode "gate": the body goes out once it is set
+        self.requests = 0
         self.thread = threading.Thread(target=self._serve, daemon=True)
 
     def __enter__(self) -> Self:
@@ -50,6 +53,12 @@ class FaultyServer:
     def _answer(self, conn: socket.socket) -> None:
         with conn:
             conn.recv(65536)
+            self.requests += 1
+            if self.mode == "gate":
+                self.gate.wait(60)
+                conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {len(self.body)}\r\n"
+                             "Connection: close\r\n\r\n".encode() + self.body)
+                return
             if self.mode == "status":
                 conn.sendall(f"HTTP/1.1 {self.status} Oops\r\nContent-Length: 0\r\n"
                              "Connection: close\r\n\r\n".encode())

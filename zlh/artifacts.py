@@ -35,9 +35,12 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from zlh.errors import ConfigError, IntegrityError, NotFoundError, ProvisionError, UsageError
+
+if TYPE_CHECKING:
+    from zlh.catalog import Located
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +239,25 @@ def add(kind: str, version: str, folder: Path, catalog: Path | None = None,
     if catalog is not None:
         record(built, catalog, arch, channel)
     return built
+
+
+def ensure(item: Located, folder: Path) -> Path:
+    """The catalog artifact `item` in `folder`, built from its registry when missing.
+
+    A file whose sha256 is not the catalog's is rebuilt; a rebuild that still differs
+    raises IntegrityError (the build is not reproducible here, or the catalog is wrong).
+    """
+    path = folder / item.artifact.url
+    if path.is_file() and sha256_file(path) == item.artifact.sha256:
+        return path
+    if "://" in item.artifact.url or item.name not in KINDS:
+        raise NotFoundError(f"{item.label}: {path} is missing and zlh cannot build it")
+    log.info("building %s into %s", item.label, folder)
+    built = add(item.name, item.version.version, folder)
+    if built.sha256 != item.artifact.sha256 or built.file != path:
+        raise IntegrityError(f"{item.label}: the rebuilt artifact has sha256 {built.sha256}, "
+                             f"the catalog says {item.artifact.sha256}")
+    return path
 
 
 def _run(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:

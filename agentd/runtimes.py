@@ -1,0 +1,498 @@
+"""Installed runtimes: hash-checked installs, atomic switches, the PATH profile.
+
+Layout (under the config's runtimes_dir, `/opt/zlh/runtimes` in a container):
+
+    .staging/NAME-VERSION-XXXX/   one install in progress (removed at agent start)
+        download                  the artifact, hashed while it streams in
+        tree/                     the archive extracted, then renamed to NAME/VERSION
+    NAME/VERSION/                 an installed runtime; .zlh-runtime.json holds its record
+    NAME/current -> VERSION       the active version (switched with os.replace)
+    NAME/previous -> VERSION      the version active before it (rollback target)
+
+An install goes: download (size and sha256 checked before anything is extracted) ->
+safe extraction (no absolute paths, no `..`, no links leaving the tree, no device files
+or fifos) -> the verify command -> rename into NAME/VERSION -> switch NAME/current ->
+rewrite the PATH profile. A failure at any step leaves the installed runtimes as they
+were. One install per runtime name at a time; a request for the same artifact while it
+runs joins it.
+
+The PATH folders of active runtimes go first in supervised processes' PATH
+(spawn.set_runtime_path) and in login shells (the profile). They name NAME/current/...,
+so a switch shows in every process started after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import threading
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from agentd import spawn
+from agentd.errors import AgentError, Conflict, Invalid, NotFound
+from agentd.logs import fields
+from agentd.models import RuntimeInfo, RuntimeInstall
+
+log = logging.getLogger(__name__)
+
+STAGING = ".staging"
+RECORD = ".zlh-runtime.json"
+BLOCK = 1 << 20
+DOWNLOAD_TIMEOUT = 30.0
+VERIFY_TIMEOUT = 120.0
+OUTPUT_TAIL = 1000
+
+
+class IntegrityFailed(AgentError):
+    """The artifact's size or sha256 is not the catalog's."""
+
+    status = 422
+    code = "integrity"
+
+
+class ArtifactUnavailable(AgentError):
+    """The artifact server did not deliver it (HTTP error, refused, timed out, cut off)."""
+
+    status = 502
+    code = "artifact-unavailable"
+
+
+class UnsafeArchive(AgentError):
+    """The archive holds a path or a link that would land outside the runtime, or a device."""
+
+    status = 422
+    code = "unsafe-archive"
+
+
+class VerifyFailed(AgentError):
+    """The runtime's verify command failed."""
+
+    status = 422
+    code = "verify-failed"
+
+
+# -- download ----------------------------------------------------------------------------
+
+
+def download(url: str, target: Path, size: int, sha256: str,
+             timeout: float = DOWNLOAD_TIMEOUT) -> None:
+    """Stream `url` into `target`, hashing as it comes; refuse a wrong size or hash."""
+    import httpx
+
+    digest, count = hashlib.sha256(), 0
+    try:
+        with open(target, "wb") as out, httpx.stream(
+            "GET", url, timeout=timeout, follow_redirects=True
+        ) as answer:
+            if answer.status_code != 200:
+                raise ArtifactUnavailable(f"{url}: HTTP {answer.status_code}")
+            for block in answer.iter_raw(BLOCK):
+                count += len(block)
+                if count > size:
+                    raise IntegrityFailed(f"{url}: more than the expected {size} bytes")
+                digest.update(block)
+                out.write(block)
+    except httpx.TimeoutException:
+        raise ArtifactUnavailable(f"{url}: timed out after {timeout:g} s without data") from None
+    except httpx.TransportError as exc:
+        raise ArtifactUnavailable(f"{url}: {type(exc).__name__}: {exc}") from None
+    if count != size:
+        raise IntegrityFailed(f"{url}: got {count} bytes, expected {size}")
+    if digest.hexdigest() != sha256:
+        raise IntegrityFailed(f"{url}: sha256 is {digest.hexdigest()}, expected {sha256}")
+
+
+# -- extraction --------------------------------------------------------------------------
+
+
+def extract(archive: Path, fmt: str, dest: Path) -> None:
+    """Extract `archive` into the new folder `dest`; UnsafeArchive for a hostile member."""
+    dest.mkdir()
+    if fmt == "zip":
+        _extract_zip(archive, dest)
+        return
+    with open(archive, "rb") as raw, _decompressed(raw, fmt) as stream:
+        try:
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                for member in tar:
+                    _check_member(member)
+                    tar.extract(member, dest, filter="data")
+        except tarfile.FilterError as exc:
+            raise UnsafeArchive(f"archive member refused: {exc}") from None
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise UnsafeArchive(f"archive is not a readable {fmt}: {exc}") from None
+
+
+def _check_member(member: tarfile.TarInfo) -> None:
+    # The data filter refuses these too; the checks here give the clearer message and
+    # refuse what it would only rewrite (fifos, setuid bits are dropped by it).
+    name = member.name
+    if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+        raise UnsafeArchive(f"archive member {name!r}: path leaves the runtime folder")
+    if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
+        raise UnsafeArchive(f"archive member {name!r}: device files and fifos are refused")
+    if member.issym() or member.islnk():
+        base = PurePosixPath(name).parent if member.issym() else PurePosixPath()
+        target = base / member.linkname
+        if member.linkname.startswith("/") or _escapes(target):
+            kind = "symlink" if member.issym() else "hard link"
+            raise UnsafeArchive(f"archive member {name!r}: {kind} to {member.linkname!r} "
+                                "leaves the runtime folder")
+
+
+def _escapes(path: PurePosixPath) -> bool:
+    depth = 0
+    for part in path.parts:
+        depth += -1 if part == ".." else 0 if part in (".", "") else 1
+        if depth < 0:
+            return True
+    return False
+
+
+class _decompressed:
+    def __init__(self, raw: IO[bytes], fmt: str) -> None:
+        self.raw, self.fmt = raw, fmt
+        self.stream: Any = None
+
+    def __enter__(self) -> IO[bytes]:
+        if self.fmt == "tar.zst":
+            import zstandard
+
+            self.stream = zstandard.ZstdDecompressor().stream_reader(self.raw)
+        elif self.fmt == "tar.gz":
+            import gzip
+
+            self.stream = gzip.GzipFile(fileobj=self.raw)
+        elif self.fmt == "tar.xz":
+            import lzma
+
+            self.stream = lzma.LZMAFile(self.raw)
+        elif self.fmt == "tar":
+            return self.raw
+        else:
+            raise Invalid(f"unknown archive format {self.fmt!r}", path="format")
+        return self.stream  # type: ignore[no-any-return]
+
+    def __exit__(self, *exc: object) -> None:
+        if self.stream is not None:
+            self.stream.close()
+
+
+def _extract_zip(archive: Path, dest: Path) -> None:
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            for info in zipped.infolist():
+                path = PurePosixPath(info.filename)
+                if path.is_absolute() or ".." in path.parts or "\\" in info.filename:
+                    raise UnsafeArchive(f"archive member {info.filename!r}: path leaves the "
+                                        "runtime folder")
+                mode = (info.external_attr >> 16) & 0o170000
+                if mode not in (0, 0o100000, 0o040000):
+                    raise UnsafeArchive(f"archive member {info.filename!r}: only files and "
+                                        "folders are allowed in a zip")
+                zipped.extract(info, dest)
+                if (info.external_attr >> 16) & 0o111:
+                    os.chmod(dest / path, 0o755)
+    except zipfile.BadZipFile as exc:
+        raise UnsafeArchive(f"archive is not a readable zip: {exc}") from None
+
+
+# -- verify ------------------------------------------------------------------------------
+
+
+def run_verify(tree: Path, command: str, path: list[str]) -> str:
+    """Run the verify command in `tree` with the runtime's folders first on PATH."""
+    import shlex
+
+    argv = shlex.split(command)
+    program = tree / argv[0]
+    if not program.is_file():
+        raise VerifyFailed(f"verify: {argv[0]} is not in the runtime")
+    own = ":".join(str(tree / folder) for folder in path)
+    env = spawn.build_env({"PATH": f"{own}:{spawn.SYSTEM_PATH}" if own else spawn.SYSTEM_PATH},
+                          None)
+    log.info("runtime_verify", extra=fields(argv=argv, cwd=str(tree)))
+    try:
+        done = subprocess.run([str(program), *argv[1:]], cwd=tree, env=env, check=False,
+                              stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=VERIFY_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise VerifyFailed(f"verify {command!r}: {exc}") from None
+    output = (done.stdout + done.stderr).decode(errors="replace")
+    log.debug("runtime_verify_output", extra=fields(output=output[-OUTPUT_TAIL:]))
+    if done.returncode != 0:
+        raise VerifyFailed(f"verify {command!r} exited with {done.returncode}: "
+                           f"{output[-OUTPUT_TAIL:].strip()}")
+    return output.strip()
+
+
+# -- the runtimes folder -------------------------------------------------------------------
+
+
+def _switch(link: Path, target: str) -> None:
+    """Point `link` at `target` in one step: a new symlink renamed over the old one."""
+    tmp = link.with_name(f".{link.name}-{os.getpid()}-{time.monotonic_ns()}")
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+class Runtimes:
+    def __init__(self, root: Path, profile: Path, pids: Callable[[], list[int]]) -> None:
+        self.root = root
+        self.profile = profile
+        self.pids = pids
+        self.staging = root / STAGING
+        self._installs: dict[str, tuple[RuntimeInstall, asyncio.Future[RuntimeInfo]]] = {}
+        # Switches, removals and the PATH they publish happen one at a time (installs
+        # run in threads and switch at their end).
+        self._switching = threading.RLock()
+
+    def open(self) -> None:
+        """Remove what an interrupted install left, and take up the active runtimes' PATH.
+
+        Nothing is created here: an agent that never installs a runtime leaves no trace.
+        """
+        if self.staging.is_dir():
+            for leftover in self.staging.iterdir():
+                log.warning("runtime_leftover_removed", extra=fields(path=str(leftover)))
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+        spawn.set_runtime_path(self.path_entries())
+
+    # -- queries ------------------------------------------------------------------------
+
+    def installed(self) -> list[RuntimeInfo]:
+        found = []
+        for name_dir in sorted(self._names()):
+            active = self._active(name_dir.name)
+            for version_dir in sorted(p for p in name_dir.iterdir() if _is_version(p)):
+                record = self._record(version_dir)
+                if record is not None:
+                    found.append(record.model_copy(update={"active": version_dir.name == active}))
+        return found
+
+    def _names(self) -> Iterator[Path]:
+        if self.root.is_dir():
+            yield from (p for p in self.root.iterdir() if p.is_dir() and p.name != STAGING)
+
+    def _active(self, name: str) -> str | None:
+        try:
+            return os.readlink(self.root / name / "current")
+        except OSError:
+            return None
+
+    def _record(self, version_dir: Path) -> RuntimeInfo | None:
+        try:
+            return RuntimeInfo.model_validate_json((version_dir / RECORD).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def get(self, name: str, version: str) -> RuntimeInfo:
+        record = self._record(self._version_dir(name, version))
+        if record is None:
+            raise NotFound(f"runtime {name} {version} is not installed")
+        return record.model_copy(update={"active": self._active(name) == version})
+
+    def path_entries(self) -> list[str]:
+        entries: list[str] = []
+        for info in self.installed():
+            if info.active:
+                current = self.root / info.name / "current"
+                entries += [str(current / folder) for folder in info.path]
+        return list(dict.fromkeys(entries))
+
+    def _version_dir(self, name: str, version: str) -> Path:
+        if not re.fullmatch(r"[a-z][a-z0-9-]{0,30}", name) or not _version_ok(version):
+            raise NotFound(f"runtime {name} {version} is not installed")
+        return self.root / name / version
+
+    # -- install ------------------------------------------------------------------------
+
+    async def install(self, request: RuntimeInstall) -> RuntimeInfo:
+        """Install (or join the running install of) `request`; one per name at a time."""
+        running = self._installs.get(request.name)
+        if running is not None:
+            same, task = running
+            if (same.version, same.sha256) != (request.version, request.sha256):
+                raise Conflict(f"an install of {same.name} {same.version} is running")
+            log.info("runtime_install_joined", extra=fields(name=request.name,
+                                                             version=request.version))
+            return await asyncio.shield(task)
+        task = asyncio.ensure_future(asyncio.to_thread(self._install, request))
+        self._installs[request.name] = (request, task)
+        task.add_done_callback(lambda _: self._installs.pop(request.name, None))
+        return await asyncio.shield(task)
+
+    def _install(self, request: RuntimeInstall) -> RuntimeInfo:
+        target = self.root / request.name / request.version
+        if target.exists():
+            existing = self._record(target)
+            if existing is None or existing.sha256 != request.sha256:
+                raise Conflict(f"runtime {request.name} {request.version} is installed with "
+                               "other content; remove it first")
+            if request.activate:
+                return self.activate(request.name, request.version)
+            return self.get(request.name, request.version)
+
+        started = time.monotonic()
+        self.staging.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f"{request.name}-{request.version}-",
+                                     dir=self.staging))
+        try:
+            log.info("runtime_download", extra=fields(name=request.name, url=request.url))
+            download(request.url, work / "download", request.size, request.sha256,
+                     request.timeout)
+            extract(work / "download", request.format, work / "tree")
+            if request.verify:
+                run_verify(work / "tree", request.verify, request.path)
+            record = RuntimeInfo(name=request.name, version=request.version, active=False,
+                                 sha256=request.sha256, size=request.size, url=request.url,
+                                 path=request.path, installed_at=time.time())
+            (work / "tree" / RECORD).write_text(record.model_dump_json())
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(work / "tree", target)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        log.info("runtime_installed", extra=fields(name=request.name, version=request.version,
+                                                   seconds=round(time.monotonic() - started, 3)))
+        if request.activate:
+            return self.activate(request.name, request.version)
+        return self.get(request.name, request.version)
+
+    # -- switch and remove ----------------------------------------------------------------
+
+    def activate(self, name: str, version: str) -> RuntimeInfo:
+        """Make VERSION current (the old current becomes `previous`); rewrite the PATH."""
+        with self._switching:
+            info = self.get(name, version)
+            folder = self.root / name
+            old = self._active(name)
+            if old != version:
+                if old is not None:
+                    _switch(folder / "previous", old)
+                _switch(folder / "current", version)
+                log.info("runtime_activated", extra=fields(name=name, version=version,
+                                                           previous=old))
+            self._publish_path()
+            return info.model_copy(update={"active": True})
+
+    def rollback(self, name: str) -> RuntimeInfo:
+        """Switch NAME back to its previous version."""
+        previous = _readlink(self.root / name / "previous")
+        if previous is None:
+            raise NotFound(f"runtime {name} has no previous version to roll back to")
+        return self.activate(name, previous)
+
+    def remove(self, name: str, version: str, force: bool = False) -> RuntimeInfo:
+        with self._switching:
+            return self._remove(name, version, force)
+
+    def _remove(self, name: str, version: str, force: bool) -> RuntimeInfo:
+        info = self.get(name, version)
+        if not force:
+            users = self.users(name, version)
+            if users:
+                raise Conflict(f"runtime {name} {version} is in use by pid "
+                               f"{', '.join(map(str, users))}; pass force=true to remove it")
+        folder = self.root / name
+        for link in ("current", "previous"):
+            if _readlink(folder / link) == version:
+                (folder / link).unlink()
+        # Renamed away first, so the version is gone in one step even if the delete
+        # of a large tree is cut off; what is left in .staging goes at the next start.
+        doomed = self.staging / f"removed-{name}-{version}-{time.monotonic_ns()}"
+        os.rename(folder / version, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        self._publish_path()
+        log.info("runtime_removed", extra=fields(name=name, version=version, force=force))
+        return info
+
+    def users(self, name: str, version: str) -> list[int]:
+        """Pids of supervised processes (and descendants) that use NAME/VERSION."""
+        import psutil
+
+        home = (self.root / name / version).resolve()
+        found = []
+        for pid in self.pids():
+            try:
+                top = psutil.Process(pid)
+                family = [top, *top.children(recursive=True)]
+            except psutil.Error:
+                continue
+            found += [p.pid for p in family if _uses(p, home)]
+        return sorted(set(found))
+
+    def _publish_path(self) -> None:
+        entries = self.path_entries()
+        spawn.set_runtime_path(entries)
+        _write_atomic(self.profile, profile_text(entries))
+
+
+def _uses(process: Any, home: Path) -> bool:
+    import psutil
+
+    paths: list[str] = []
+    try:
+        paths.append(process.exe())
+        paths.append(process.cwd())
+        paths += [arg for arg in process.cmdline() if arg.startswith("/")]
+        paths += process.environ().get("PATH", "").split(":")
+    except psutil.Error:
+        pass
+    return any(_under(path, home) for path in paths if path)
+
+
+def _under(path: str, home: Path) -> bool:
+    try:
+        return Path(os.path.realpath(path)).is_relative_to(home)
+    except (OSError, ValueError):
+        return False
+
+
+def _readlink(path: Path) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+def _is_version(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and _version_ok(path.name)
+
+
+def _version_ok(version: str) -> bool:
+    return bool(re.fullmatch(r"[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}", version))
+
+
+def profile_text(entries: list[str]) -> str:
+    """The /etc/profile.d script: runtime folders first, each once, then the PATH as it was."""
+    lines = ["# Written by agentd: the PATH folders of the active runtimes. Do not edit.\n"]
+    for entry in reversed(entries):
+        lines.append(f'case ":$PATH:" in *":{entry}:"*) ;; *) PATH="{entry}:$PATH" ;; esac\n')
+    lines.append("export PATH\n")
+    return "".join(lines)
+
