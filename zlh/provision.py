@@ -73,6 +73,7 @@ class ProvisionRequest:
     timeout: float = 300.0
     tier: str | None = None  # default: the playbook's
     owner: str | None = None  # default: the operator's login name
+    provider: str | None = None  # default: the unfinished run's, else local
 
 
 @dataclass
@@ -142,6 +143,15 @@ def _artifact_label(artifact: Any) -> str:
     return f"{artifact.name}@{version}" if version else str(artifact.name)
 
 
+def _provider_for(request: ProvisionRequest) -> str:
+    """`--provider`, else the one an unfinished run of this name began with, else local."""
+    existing = records.find(request.name)
+    if existing is not None and request.provider not in (None, existing.provider):
+        raise ConflictError(f"server {existing.name} is being provisioned on provider "
+                            f"{existing.provider}, not {request.provider}")
+    return request.provider or (existing.provider if existing else PROVIDER)
+
+
 class _Run:
     """One provisioning run: the steps after the recorded one, in order."""
 
@@ -154,7 +164,7 @@ class _Run:
         self.playbook = playbook
         self.home = home
         self.on_step = on_step
-        self.provider: Provider = get_provider(PROVIDER, home)
+        self.provider: Provider = get_provider(_provider_for(request), home, playbook)
         self.record: Server | None = None
         self.started = time.monotonic()
 
@@ -295,6 +305,7 @@ class _Run:
         records.update(
             self.record.name, "container-created", provider_id,
             provider_id=provider_id, token_path=str(token_path),
+            address=self.provider.address(self.record.name),
         )
 
     def _install_artifacts(self) -> None:

@@ -97,6 +97,7 @@ class Container:
     snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)
     interface_calls: int = 0
     plan: list[str] = field(default_factory=list)
+    created: float = field(default_factory=time.monotonic)
 
     @property
     def memory_bytes(self) -> int:
@@ -163,6 +164,9 @@ class PveDouble:
         self.ticket_lifetime = 7200.0
         self.interface_plan = ["link-local", "address"]
         self.interfaces_style = "both"
+        # Seconds a new container stays unseen by /cluster/nextid, as when the cluster file
+        # system has not carried its config to the node answering yet: provisions race.
+        self.nextid_lag = 0.0
         self.requests: list[Request] = []
         self.logins = 0
         self._users: dict[str, str] = {}
@@ -178,7 +182,7 @@ class PveDouble:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    def start(self) -> PveDouble:
+    def start(self) -> Self:
         self.tls = make_tls(self.folder / "tls")
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(self.tls.server_cert, self.tls.server_key)
@@ -420,7 +424,9 @@ class PveDouble:
                 if wanted in self.containers:
                     raise SchemaError({"vmid": f"VM {wanted} already exists"})
                 return wanted
-            return next(v for v in itertools.count(100) if v not in self.containers)
+            now = time.monotonic()
+            seen = {v for v, ct in self.containers.items() if now - ct.created >= self.nextid_lag}
+            return next(v for v in itertools.count(100) if v not in seen)
 
     def _storage(self, name: str, node: str, content: str | None = None) -> Storage:
         storage = self.storages.get(name)

@@ -19,6 +19,9 @@ def provision(
     ),
     tier: str = typer.Option(None, "--tier", help="Resource tier (default: the playbook's)."),
     owner: str = typer.Option(None, "--owner", help="Who the server is for (quotas)."),
+    provider: str = typer.Option(
+        None, "--provider", help="local (default) or proxmox (see the config's proxmox:)."
+    ),
     timeout: float = typer.Option(300.0, "--timeout", min=1, help="Seconds to wait for ready."),
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -36,6 +39,7 @@ def provision(
         timeout=timeout,
         tier=tier,
         owner=owner,
+        provider=provider,
     )
     as_json = want_json(json_output)
     with _progress(enabled=not as_json and sys.stderr.isatty()) as on_step:

@@ -1,0 +1,328 @@
+"""The proxmox provider against the API double, through proxmoxer over TLS.
+
+The double answers as Proxmox does and checks every request against the published
+schema, so a parameter the provider gets wrong fails here as it would on a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from components import minetest_server
+from pve import PveDouble
+from pve.double import DEFAULT_TEMPLATE, Node
+
+from zlh import opconfig
+from zlh.errors import NotFoundError, ProvisionError, UsageError, ZlhError
+from zlh.inventory import write_secret
+from zlh.playbooks import load_playbook
+from zlh.providers.proxmox import ProxmoxProvider, pick_address
+from zlh.pve import ProxmoxError, PveClient
+
+ZLH = [sys.executable, "-c", "from zlh.cli import main; main()"]
+SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIP+/k3y=example operator@laptop"
+
+
+class Cluster:
+    """The double, an operator config pointing at it, and providers built from that."""
+
+    def __init__(self, tmp: Path, double: PveDouble) -> None:
+        self.tmp = tmp
+        self.pve = double
+        self.secret_file = tmp / "pve-token"
+        write_secret(self.secret_file, double.add_token("root@pam", "zlh"))
+        key_file = tmp / "id.pub"
+        key_file.write_text(SSH_KEY + "\n")
+        self.settings: dict[str, Any] = {
+            "host": "127.0.0.1", "port": double.port, "user": "root@pam",
+            "token_id": "zlh", "token_secret_file": str(self.secret_file),
+            "verify": str(double.ca_path), "storage": "local-lvm", "bridge": "vmbr0",
+            "template": DEFAULT_TEMPLATE, "ssh_public_key_file": str(key_file),
+            "address_timeout": 10,
+        }
+        if double.backing_root is not None:
+            self.settings["backing_root"] = str(double.backing_root)
+
+    def config(self, **changes: Any) -> opconfig.ProxmoxConfig:
+        return opconfig.ProxmoxConfig.model_validate(self.settings | changes)
+
+    def provider(self, playbook: str = "minetest", **changes: Any) -> ProxmoxProvider:
+        return ProxmoxProvider(self.tmp / "home", self.config(**changes),
+                               load_playbook(playbook))
+
+    def write_config_file(self) -> Path:
+        folder = self.tmp / "xdg-config" / "zlh"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.yaml").write_text(yaml.safe_dump({"proxmox": self.settings}))
+        return folder.parent
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    monkeypatch.setenv("ZLH_HOME", str(tmp_path / "home"))
+    nodes = (Node("pve1", mem=40 * 2**30), Node("pve2", mem=8 * 2**30),
+             Node("pve3", mem=1 * 2**30, status="offline"))
+    with PveDouble(tmp_path / "pve", nodes=nodes) as double:
+        yield Cluster(tmp_path, double)
+
+
+def test_placement_takes_the_allowed_online_node_with_most_free_memory(
+    cluster: Cluster,
+) -> None:
+    assert cluster.provider().place(256).node == "pve2"  # pve3 has more, but is offline
+    assert cluster.provider(nodes=["pve1"]).place(256).node == "pve1"
+    with pytest.raises(ProvisionError, match=r"no online Proxmox node in pve3"):
+        cluster.provider(nodes=["pve3"]).place(256)
+
+
+def test_create_sends_the_tier_and_config_as_proxmox_wants_them(cluster: Cluster) -> None:
+    provider = cluster.provider()
+    container = provider.create_container("mt1")
+    [sent] = cluster.pve.params_of("POST", "/nodes/pve2/lxc")
+    assert container.vmid == 100 and container.node == "pve2"
+    expected = {
+        "hostname": "mt1", "vmid": "100", "ostemplate": DEFAULT_TEMPLATE,
+        "rootfs": "local-lvm:2", "cores": "1", "memory": "256", "swap": "128",
+        "net0": "name=eth0,bridge=vmbr0,ip=dhcp", "unprivileged": "1",
+        "features": "nesting=1", "onboot": "1", "start": "0",
+        "tags": "zlh;game;minetest", "ssh-public-keys": SSH_KEY + "\n",
+    }
+    assert {k: sent[k] for k in expected} == expected
+    assert "zlh:name=mt1\nzlh:playbook=minetest\nzlh:tier=small\n" in sent["description"]
+    # A second create of the same name finds the first container instead.
+    assert provider.create_container("mt1") == provider.find("mt1")
+    assert len(cluster.pve.params_of("POST", "/lxc")) == 1
+
+
+def test_a_static_address_goes_into_net0(cluster: Cluster) -> None:
+    provider = cluster.provider(ip="127.0.9.5/24", gateway="127.0.9.1")
+    provider.create_container("mt1")
+    provider.start("mt1")
+    [sent] = cluster.pve.params_of("POST", "/lxc")
+    assert sent["net0"] == "name=eth0,bridge=vmbr0,ip=127.0.9.5/24,gw=127.0.9.1"
+    assert provider.wait_address("mt1") == "127.0.9.5"
+
+
+def test_eight_provisions_racing_for_vmids_get_eight_containers(cluster: Cluster) -> None:
+    cluster.pve.nextid_lag = 0.5  # every racer sees the same "next" id for a while
+    names = [f"race{n}" for n in range(8)]
+    barrier = threading.Barrier(len(names))
+    made: dict[str, int] = {}
+    errors: list[ZlhError] = []
+
+    def provision(name: str) -> None:
+        provider = cluster.provider()  # one per racer, as separate zlh processes have
+        barrier.wait(timeout=10)
+        try:
+            made[name] = provider.create_container(name).vmid
+        except ZlhError as exc:  # reported below, with the others
+            errors.append(exc)
+
+    threads = [threading.Thread(target=provision, args=(n,)) for n in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert errors == []
+    assert sorted(made.values()) == list(range(100, 108))
+    attempts = cluster.pve.params_of("POST", "/lxc")
+    assert len(attempts) > len(names), "the racers never collided: the test proves nothing"
+    resources = cluster.pve.containers.values()
+    assert sorted(ct.config["hostname"] for ct in resources) == names
+
+
+def test_a_failed_task_reaches_the_operator_as_one_line(cluster: Cluster) -> None:
+    provider = cluster.provider()
+    provider.create_container("mt1")
+    cluster.pve.fail_next("vzstart", "startup for container '100' failed\nsee journal")
+    with pytest.raises(ProxmoxError) as caught:
+        provider.start("mt1")
+    assert caught.value.message == ("Proxmox task vzstart 100 on pve2 failed: "
+                                    "startup for container '100' failed see journal")
+
+
+def test_warnings_count_as_success(cluster: Cluster) -> None:
+    provider = cluster.provider()
+    provider.create_container("mt1")
+    cluster.pve.warn_next("vzstart", 3)
+    provider.start("mt1")
+    assert provider.find("mt1").status == "running"  # type: ignore[union-attr]
+
+
+def test_a_missing_template_is_named_with_the_ones_there(cluster: Cluster) -> None:
+    provider = cluster.provider(template="local:vztmpl/alpine-3.19.tar.xz")
+    with pytest.raises(NotFoundError) as caught:
+        provider.create_container("mt1")
+    assert caught.value.message == (
+        "template local:vztmpl/alpine-3.19.tar.xz is not on storage local of node pve2 "
+        f"(there: {DEFAULT_TEMPLATE})")
+    assert cluster.pve.containers == {}
+    assert provider.templates("pve1") == [DEFAULT_TEMPLATE]
+
+
+def test_an_unknown_storage_is_proxmoxs_message(cluster: Cluster) -> None:
+    with pytest.raises(ProxmoxError) as caught:
+        cluster.provider(storage="fast-nvme").create_container("mt1")
+    assert caught.value.message == \
+        "Proxmox: POST nodes/pve2/lxc: storage 'fast-nvme' does not exist"
+    assert caught.value.exit_code == 8
+
+
+def test_a_locked_container_is_proxmoxs_message(cluster: Cluster) -> None:
+    provider = cluster.provider()
+    provider.create_container("mt1")
+    cluster.pve.lock(100, "backup")
+    with pytest.raises(ProxmoxError, match=r"^Proxmox: POST nodes/pve2/lxc/100/status/start: "
+                                           r"CT is locked \(backup\)$"):
+        provider.start("mt1")
+
+
+@pytest.mark.parametrize("style", ["both", "inet", "ip-addresses"],
+                         ids=["both-forms", "inet-only", "ip-addresses-only"])
+def test_the_address_comes_after_empty_and_link_local_answers(
+    cluster: Cluster, style: str
+) -> None:
+    cluster.pve.interface_plan = ["empty", "link-local", "link-local", "address"]
+    cluster.pve.interfaces_style = style
+    provider = cluster.provider()
+    provider.create_container("mt1")
+    assert cluster.pve.params_of("GET", "/interfaces") == []
+    provider.start("mt1")
+    assert provider.wait_address("mt1") == "127.77.0.101"
+    assert len(cluster.pve.params_of("GET", "/interfaces")) == 4
+
+
+def test_no_address_before_the_deadline_says_what_was_seen(cluster: Cluster) -> None:
+    cluster.pve.interface_plan = ["link-local"]
+    provider = cluster.provider()
+    provider.create_container("mt1")
+    provider.start("mt1")
+    with pytest.raises(ProvisionError, match=r"has no address after 0.5 s; last seen: "
+                                             r"lo=127.0.0.1/8, eth0=fe80::"):
+        provider.wait_address("mt1", timeout=0.5)
+
+
+def test_pick_address_prefers_ipv4_and_skips_link_local() -> None:
+    assert pick_address(None) is None
+    assert pick_address([{"name": "eth0", "inet6": "fe80::1/64"}]) is None
+    assert pick_address([{"name": "eth0", "inet6": "2001:db8::5/64",
+                          "ip-addresses": [{"ip-address": "192.0.2.7"}]}]) == "192.0.2.7"
+
+
+def test_power_snapshot_rollback_and_delete(cluster: Cluster) -> None:
+    provider = cluster.provider()
+    provider.create_container("mt1")
+    provider.start("mt1")
+    with pytest.raises(UsageError, match="no '-'"):
+        provider.snapshot("mt1", "before-update")
+    provider.snapshot("mt1", "before_update", "zlh test")
+    assert provider.snapshots("mt1") == ["before_update"]
+    provider.shutdown("mt1")
+    assert provider.find("mt1").status == "stopped"  # type: ignore[union-attr]
+    provider.start("mt1")
+    provider.stop("mt1")
+    provider.rollback("mt1", "before_update")
+    provider.start("mt1")
+    provider.delete("mt1")  # stops it first: Proxmox refuses to destroy a running CT
+    assert provider.find("mt1") is None and cluster.pve.containers == {}
+    [destroy] = cluster.pve.params_of("DELETE", "/lxc/100")
+    assert destroy["purge"] == "1" and destroy["destroy-unreferenced-disks"] == "1"
+
+
+def test_a_ticket_that_expires_mid_run_is_renewed(cluster: Cluster) -> None:
+    password = cluster.tmp / "pve-password"
+    write_secret(password, "operator-pw")
+    cluster.pve.add_user("zlh@pve", "operator-pw")
+    settings = {"token_id": None, "user": "zlh@pve", "password_file": str(password)}
+
+    client = PveClient(cluster.config(**settings, ticket_renew_s=0.3))
+    cluster.pve.ticket_lifetime = 0.5
+    provider = ProxmoxProvider(cluster.tmp / "home", client.config, load_playbook("minetest"),
+                               client)
+    provider.create_container("mt1")
+    renewals = client.logins
+    for _ in range(3):
+        provider.start("mt1")
+        provider.stop("mt1")
+    # The run outlived several tickets and never saw a 401.
+    assert client.logins > renewals and cluster.pve.logins == client.logins
+
+    # A ticket revoked behind zlh's back (a cluster restart): 401, one login, retried.
+    client = PveClient(cluster.config(**settings))
+    assert client.get("nodes")
+    cluster.pve.revoke_tickets()
+    assert len(client.get("nodes")) == 3 and client.logins == 2
+
+
+def test_the_token_secret_file_must_be_private(cluster: Cluster) -> None:
+    cluster.secret_file.chmod(0o644)
+    with pytest.raises(Exception, match=r"is open to others \(mode 0644\)"):
+        PveClient(cluster.config())
+
+
+def test_config_file_and_environment_overrides(cluster: Cluster,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(cluster.write_config_file()))
+    assert opconfig.proxmox().port == cluster.pve.port
+    monkeypatch.setenv("ZLH_PROXMOX_PORT", "9")
+    monkeypatch.setenv("ZLH_PROXMOX_NODES", "pve1,pve2")
+    config = opconfig.proxmox()
+    assert (config.port, config.nodes) == (9, ["pve1", "pve2"])
+
+
+def test_tls_to_a_server_with_another_ca_is_refused(cluster: Cluster) -> None:
+    client = PveClient(cluster.config(verify="true"))  # the system CAs do not know it
+    with pytest.raises(ProxmoxError, match=r"^TLS check of https://127.0.0.1:\d+ failed"):
+        client.get("nodes")
+
+
+# -- the whole way, through the zlh program ---------------------------------------------
+
+
+@pytest.fixture
+def backed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    monkeypatch.setenv("ZLH_HOME", str(tmp_path / "home"))
+    with PveDouble(tmp_path / "pve", backing_root=tmp_path / "rootfs") as double:
+        yield Cluster(tmp_path, double)
+
+
+def test_zlh_provision_with_the_proxmox_provider_reaches_a_ready_server(
+    backed: Cluster,
+) -> None:
+    minetest_server()
+    env = {**os.environ, "ZLH_HOME": str(backed.tmp / "home"),
+           "XDG_CONFIG_HOME": str(backed.write_config_file())}
+
+    def zlh(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*ZLH, *args], env=env, capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=180, check=False)
+
+    done = zlh("provision", "--provider", "proxmox", "minetest", "mt1", "--json")
+    try:
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout)
+        assert (result["name"], result["address"]) == ("mt1", "127.0.0.1")
+        listed = json.loads(zlh("servers", "list", "--json").stdout)
+        [server] = [s for s in listed if s["name"] == "mt1"]
+        assert server["provider"] == "proxmox"
+        ct = backed.pve.containers[100]
+        assert ct.status == "running" and ct.config["hostname"] == "mt1"
+        keys = backed.tmp / "rootfs/100/root/.ssh/authorized_keys"
+        assert keys.read_text() == SSH_KEY + "\n"
+        again = zlh("provision", "--provider", "proxmox", "minetest", "mt1")
+        assert again.returncode == 5 and "already exists" in again.stderr
+    finally:
+        gone = zlh("delete", "mt1", "--yes")
+    assert gone.returncode == 0, gone.stderr
+    assert backed.pve.containers == {}
+    assert not (backed.tmp / "rootfs/100").exists()

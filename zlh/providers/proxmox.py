@@ -1,0 +1,392 @@
+"""The proxmox provider: each server is an LXC container on a Proxmox VE cluster.
+
+Creating one:
+
+1. find it first (`/cluster/resources`, by hostname and the `zlh` tag), so a re-run of
+   provisioning never makes a second container;
+2. place it on the allowed online node with the most free memory;
+3. check the template is on that node's storage;
+4. take a vmid from `/cluster/nextid` and create the container with it; when another
+   provision took the same id first ("already exists"), take the next one and retry;
+5. start it and read its address from `/interfaces` (null while stopped, then often only
+   a link-local address, then the real one);
+6. bootstrap the agent.
+
+Bootstrap: when `proxmox.backing_root` is set, a container's root file system is a
+folder on this machine (the test cluster, demos), and the agent is laid out and run there
+by the local provider's machinery, while every Proxmox call still goes through the API.
+On a real cluster the agent goes in over SSH (zlh.ssh.bootstrap_agent); installing
+playbook artifacts into a remote container over SSH is not built yet, so provisioning a
+game server needs the backed mode until it is.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from zlh.errors import NotFoundError, ProvisionError, UsageError
+from zlh.opconfig import ProxmoxConfig
+from zlh.providers.base import AgentEndpoint, AgentProcess
+from zlh.pve import ProxmoxError, PveClient
+
+if TYPE_CHECKING:
+    from zlh.playbooks import Playbook, Resources
+    from zlh.providers.local import LocalProvider
+
+log = logging.getLogger(__name__)
+
+TAG = "zlh"
+VMID_ATTEMPTS = 20
+# Proxmox's pve-configid format, which snapshot names must have.
+SNAPSHOT_NAME = re.compile(r"[a-z][a-z0-9_]+")
+ADDRESS_POLL_MAX_S = 2.0
+
+
+@dataclass(frozen=True)
+class Container:
+    vmid: int
+    node: str
+    name: str
+    status: str
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Placement:
+    node: str
+    free_bytes: int
+
+
+class ProxmoxProvider:
+    name = "proxmox"
+
+    def __init__(
+        self,
+        home: Path,
+        config: ProxmoxConfig,
+        playbook: Playbook | None = None,
+        client: PveClient | None = None,
+    ) -> None:
+        self.home = home
+        self.config = config
+        self.playbook = playbook
+        self.client = client or PveClient(config)
+        self._addresses: dict[str, str] = {}
+
+    # -- finding and placing ----------------------------------------------------------
+
+    def containers(self) -> list[Container]:
+        """The containers zlh made (tagged `zlh`), cluster-wide."""
+        found = []
+        for entry in self.client.get("cluster/resources", type="vm"):
+            tags = tuple(t for t in str(entry.get("tags", "")).replace(",", ";").split(";") if t)
+            if entry.get("type") == "lxc" and TAG in tags:
+                found.append(Container(int(entry["vmid"]), str(entry["node"]),
+                                       str(entry.get("name", "")), str(entry["status"]), tags))
+        return found
+
+    def find(self, name: str) -> Container | None:
+        matches = [c for c in self.containers() if c.name == name]
+        if len(matches) > 1:
+            ids = ", ".join(f"{c.vmid} on {c.node}" for c in matches)
+            raise ProvisionError(f"more than one zlh container is called {name} ({ids}); "
+                                 "delete the extra one in Proxmox")
+        return matches[0] if matches else None
+
+    def _get(self, name: str) -> Container:
+        container = self.find(name)
+        if container is None:
+            raise NotFoundError(f"no Proxmox container called {name} (tagged {TAG})")
+        return container
+
+    def place(self, memory_mb: int) -> Placement:
+        """The allowed online node with the most free memory."""
+        allowed = set(self.config.nodes)
+        candidates = [
+            Placement(str(n["node"]), int(n.get("maxmem", 0)) - int(n.get("mem", 0)))
+            for n in self.client.get("cluster/resources", type="node")
+            if n.get("status") == "online" and (not allowed or n["node"] in allowed)
+        ]
+        if not candidates:
+            where = ", ".join(sorted(allowed)) or "the cluster"
+            raise ProvisionError(f"no online Proxmox node in {where}")
+        best = max(candidates, key=lambda p: (p.free_bytes, p.node))
+        if best.free_bytes < memory_mb * 1024 * 1024:
+            raise ProvisionError(f"no Proxmox node has {memory_mb} MB free (best: {best.node} "
+                                 f"with {best.free_bytes // 2**20} MB)")
+        return best
+
+    def templates(self, node: str, storage: str | None = None) -> list[str]:
+        """The container templates (volids) on a node's template storage."""
+        storage = storage or self.config.template.split(":", 1)[0]
+        content = self.client.get(f"nodes/{node}/storage/{storage}/content", content="vztmpl")
+        return sorted(str(v["volid"]) for v in content)
+
+    def _check_template(self, node: str) -> None:
+        template = self.config.template
+        storage = template.split(":", 1)[0]
+        available = self.templates(node, storage)
+        if template not in available:
+            raise NotFoundError(f"template {template} is not on storage {storage} of node "
+                                f"{node} (there: {', '.join(available) or 'none'})")
+
+    # -- creating ---------------------------------------------------------------------
+
+    def create_params(self, name: str) -> dict[str, Any]:
+        """The create call's parameters, from the playbook's tier and the config."""
+        if self.playbook is None:
+            raise ProvisionError("creating a Proxmox container needs the server's playbook")
+        playbook, cfg = self.playbook, self.config
+        tier = self._resources(name, playbook)
+        net0 = f"name=eth0,bridge={cfg.bridge},ip={cfg.ip}"
+        if cfg.gateway:
+            net0 += f",gw={cfg.gateway}"
+        params: dict[str, Any] = {
+            "hostname": name, "ostemplate": cfg.template,
+            "rootfs": f"{cfg.storage}:{tier.disk_gb}",
+            "cores": tier.cores, "memory": tier.memory_mb, "swap": tier.swap_mb,
+            "net0": net0, "unprivileged": True, "features": "nesting=1",
+            "onboot": cfg.onboot, "start": False,
+            "tags": f"{TAG};{playbook.kind};{playbook.name}",
+            "description": _description(name, playbook),
+        }
+        keys = self._ssh_keys()
+        if keys:
+            # Plain text: the form encoding requests applies is the one Proxmox decodes.
+            params["ssh-public-keys"] = keys
+        return params
+
+    @staticmethod
+    def _resources(name: str, playbook: Playbook) -> Resources:
+        """The tier the run registered (`--tier`, operator tiers), else the playbook's."""
+        from zlh import records
+        from zlh.playbooks import Resources
+
+        record = records.find(name)
+        if record is not None and record.resources:
+            return Resources(**record.resources)
+        return playbook.resources[playbook.tier]
+
+    def _ssh_keys(self) -> str:
+        path = self.config.ssh_public_key_file
+        if path is None:
+            return ""
+        try:
+            return path.read_text().strip() + "\n"
+        except OSError as exc:
+            raise ProvisionError(f"proxmox.ssh_public_key_file {path}: {exc.strerror}") from None
+
+    def create_container(self, name: str) -> Container:
+        """Find or create the container `name` and wait until it is created (stopped)."""
+        existing = self.find(name)
+        if existing is not None:
+            log.info("container %s exists already (%d on %s)", name, existing.vmid,
+                     existing.node)
+            return existing
+        params = self.create_params(name)
+        node = self.place(int(params["memory"])).node
+        self._check_template(node)
+        vmid, upid = self._create_with_free_vmid(node, params)
+        self.client.wait_task(upid)
+        return Container(vmid, node, name, "stopped", tuple(params["tags"].split(";")))
+
+    def _create_with_free_vmid(self, node: str, params: dict[str, Any]) -> tuple[int, str]:
+        taken: set[int] = set()
+        for attempt in range(VMID_ATTEMPTS):
+            vmid = int(self.client.get("cluster/nextid"))
+            # nextid can lag behind a create on another node; skip what we saw taken.
+            while vmid in taken:
+                vmid += 1
+            try:
+                upid = self.client.post(f"nodes/{node}/lxc", vmid=vmid, **params)
+                log.info("creating container %s as %d on %s", params["hostname"], vmid, node)
+                return vmid, str(upid)
+            except ProxmoxError as exc:
+                if "already exists" not in exc.message:
+                    raise
+                # Another provision took this id between nextid and create: take the next.
+                log.info("vmid %d was taken meanwhile (attempt %d)", vmid, attempt + 1)
+                taken.add(vmid)
+                time.sleep(random.uniform(0.0, 0.02 * (attempt + 1)))
+        raise ProvisionError(f"no free vmid after {VMID_ATTEMPTS} attempts; other provisions "
+                             "keep taking them")
+
+    # -- power and address ------------------------------------------------------------
+
+    def _ct_path(self, container: Container) -> str:
+        return f"nodes/{container.node}/lxc/{container.vmid}"
+
+    def start(self, name: str) -> None:
+        container = self._get(name)
+        if container.status != "running":
+            self.client.run_task("POST", f"{self._ct_path(container)}/status/start")
+
+    def stop(self, name: str) -> None:
+        """Hard stop, as pulling the plug (the agent gets no say)."""
+        container = self._get(name)
+        if container.status == "running":
+            self.client.run_task("POST", f"{self._ct_path(container)}/status/stop")
+
+    def shutdown(self, name: str, timeout: int = 60) -> None:
+        """Clean shutdown inside the container, forced to a stop after `timeout`."""
+        container = self._get(name)
+        if container.status == "running":
+            self.client.run_task("POST", f"{self._ct_path(container)}/status/shutdown",
+                                 timeout=timeout, forceStop=True)
+
+    def snapshot(self, name: str, snapname: str, description: str = "") -> None:
+        if not SNAPSHOT_NAME.fullmatch(snapname):
+            raise UsageError(f"invalid snapshot name {snapname!r}: Proxmox wants a letter, "
+                             "then letters, digits or '_' (no '-')")
+        container = self._get(name)
+        self.client.run_task("POST", f"{self._ct_path(container)}/snapshot",
+                             snapname=snapname, description=description)
+
+    def snapshots(self, name: str) -> list[str]:
+        container = self._get(name)
+        entries = self.client.get(f"{self._ct_path(container)}/snapshot")
+        return [str(e["name"]) for e in entries if e.get("name") != "current"]
+
+    def rollback(self, name: str, snapname: str) -> None:
+        container = self._get(name)
+        self.client.run_task("POST", f"{self._ct_path(container)}/snapshot/{snapname}/rollback")
+
+    def wait_address(self, name: str, timeout: float | None = None) -> str:
+        """The container's address from `/interfaces`, polled until one shows."""
+        container = self._get(name)
+        limit = self.config.address_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        delay = 0.05
+        while True:
+            interfaces = self.client.get(f"{self._ct_path(container)}/interfaces")
+            address = pick_address(interfaces)
+            if address:
+                self._addresses[name] = address
+                return address
+            if time.monotonic() > deadline:
+                raise ProvisionError(f"container {name} ({container.vmid} on {container.node}) "
+                                     f"has no address after {limit:g} s; last seen: "
+                                     f"{_seen(interfaces)}")
+            time.sleep(delay)
+            delay = min(delay * 1.5, ADDRESS_POLL_MAX_S)
+
+    def delete_container(self, name: str) -> None:
+        container = self.find(name)
+        if container is None:
+            return
+        if container.status == "running":
+            self.client.run_task("POST", f"{self._ct_path(container)}/status/stop")
+        self.client.run_task("DELETE", self._ct_path(container), purge=True,
+                             **{"destroy-unreferenced-disks": True})
+        self._addresses.pop(name, None)
+
+    # -- the Provider interface -------------------------------------------------------
+
+    def _backing(self) -> LocalProvider:
+        from zlh.providers.local import LocalProvider
+
+        if self.config.backing_root is None:
+            raise ProvisionError(
+                "installing the agent and artifacts into a Proxmox container needs "
+                "proxmox.backing_root (folders on this machine); over SSH only the agent "
+                "bootstrap is built (zlh.ssh.bootstrap_agent)"
+            )
+        return LocalProvider(self.config.backing_root)
+
+    def _key(self, name: str) -> str:
+        """The backing folder's name: the container's vmid."""
+        return str(self._get(name).vmid)
+
+    def create(self, name: str, agent_port: int) -> str:
+        container = self.create_container(name)
+        self.start(name)
+        self.wait_address(name)
+        self._backing().create(str(container.vmid), agent_port)
+        return f"{container.node}/{container.vmid}"
+
+    def token_path(self, name: str) -> Path:
+        return self._backing().token_path(self._key(name))
+
+    def server_root(self, name: str) -> Path:
+        return self._backing().server_root(self._key(name))
+
+    def start_agent(self, name: str, timeout: float) -> AgentProcess:
+        return self._backing().start_agent(self._key(name), timeout)
+
+    def agent_running(self, name: str) -> bool:
+        container = self.find(name)
+        if container is None or self.config.backing_root is None:
+            return False
+        return self._backing().agent_running(str(container.vmid))
+
+    def stop_agent(self, name: str, timeout: float) -> None:
+        self._backing().stop_agent(self._key(name), timeout)
+
+    def delete(self, name: str) -> None:
+        self.delete_container(name)
+
+    def kill_leftover(self, pid: int, started_at: float | None) -> bool:
+        return self._backing().kill_leftover(pid, started_at)
+
+    def exists(self, name: str) -> bool:
+        return self.find(name) is not None
+
+    def folder_exists(self, name: str) -> bool:
+        return self.exists(name)
+
+    def endpoint(self, name: str) -> AgentEndpoint:
+        local = self._backing().endpoint(self._key(name))
+        return AgentEndpoint(self.address(name), local.port, local.token)
+
+    def address(self, name: str) -> str:
+        """The container's address; empty while it does not exist or run yet."""
+        if name in self._addresses:
+            return self._addresses[name]
+        container = self.find(name)
+        if container is None or container.status != "running":
+            return ""
+        return self.wait_address(name)
+
+
+def pick_address(interfaces: list[dict[str, Any]] | None) -> str | None:
+    """The first usable address: IPv4 before IPv6, never loopback or link-local.
+
+    Reads both forms Proxmox answers with: `inet`/`inet6` (`ADDR/PREFIX`) and the newer
+    `ip-addresses` list.
+    """
+    candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    for iface in interfaces or []:
+        if iface.get("name") == "lo":
+            continue
+        texts = [str(iface[k]) for k in ("inet", "inet6") if iface.get(k)]
+        texts += [str(a.get("ip-address", "")) for a in iface.get("ip-addresses") or []]
+        for text in texts:
+            try:
+                address = ipaddress.ip_interface(text.strip()).ip
+            except ValueError:
+                continue
+            if not address.is_link_local and address not in candidates:
+                candidates.append(address)
+    candidates.sort(key=lambda a: a.version)
+    return str(candidates[0]) if candidates else None
+
+
+def _seen(interfaces: list[dict[str, Any]] | None) -> str:
+    if interfaces is None:
+        return "no interfaces (container not running)"
+    parts = [f"{i.get('name')}={i.get('inet') or i.get('inet6') or '-'}" for i in interfaces]
+    return ", ".join(parts) or "an empty list"
+
+
+def _description(name: str, playbook: Playbook) -> str:
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return (f"Managed by zlh; the zlh: lines identify the server.\n"
+            f"zlh:name={name}\nzlh:playbook={playbook.name}\nzlh:tier={playbook.tier}\n"
+            f"zlh:created={created}\n")
