@@ -268,7 +268,7 @@ class RuntimeInstall(Model):
     path: list[str] = Field(default_factory=list, description="folders to put on PATH")
     verify: str | None = Field(None, description="command run in the runtime folder")
     activate: bool = Field(True, description="switch NAME/current to it once installed")
-    timeout: float = Field(30.0, gt=0, le=3600, description="download: seconds without data")
+    timeout: float = Field(default=30.0, gt=0, le=3600, description="seconds without data")
 
     @field_validator("path")
     @classmethod

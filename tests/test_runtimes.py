@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import tarfile
@@ -258,3 +259,76 @@ def test_real_node_runs_under_the_agent(box, node_artifacts):
     box.put_spec({"name": "node", "argv": ["sh", "-c", "node --version; exec sleep 600"]})
     lines = poll(lambda: box.console_text("node"), 10, "node's version line")
     assert lines == [f"v{located.version.version}"]
+
+
+# -- the CLI, against the same real agent ------------------------------------------------------
+
+
+CATALOG = """\
+runtimes:
+  tool:
+    default: "1.0"
+    versions:
+      - version: "1.0"
+        artifacts:
+          x86_64: {{url: tool/1.0.tar.zst, sha256: {a}, size: {a_size}, format: tar.zst,
+                    path: [bin], verify: bin/tool}}
+      - version: "2.0"
+        artifacts:
+          x86_64: {{url: tool/2.0.tar.zst, sha256: {b}, size: {b_size}, format: tar.zst,
+                    path: [bin], verify: bin/tool}}
+"""
+
+
+@pytest.fixture
+def operator(box, tmp_path, monkeypatch, capsys):
+    from zlh.cli import run
+    from zlh.inventory import Inventory, Server, write_secret
+
+    monkeypatch.setenv("ZLH_HOME", str(tmp_path / "zlh"))
+    monkeypatch.setenv("ZLH_CATALOGS", str(write(tmp_path / "catalogs", "runtimes.yaml", CATALOG
+                       .format(a=sha256(GOOD_1), a_size=len(GOOD_1), b=sha256(GOOD_2),
+                               b_size=len(GOOD_2)).encode()).parent))
+    token = tmp_path / "zlh/box.token"
+    write_secret(token, box.token)
+    with Inventory(tmp_path / "zlh/inventory.db") as inventory:
+        inventory.add(Server(name="box", playbook="x", provider="local", address="127.0.0.1",
+                             agent_port=box.port, token_path=str(token), step="ready"))
+
+    def zlh(*args: str) -> tuple[int, str, str]:
+        code = run(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return zlh
+
+
+def test_cli_install_upgrade_rollback_remove(operator, served):
+    url = ["--artifacts-url", served.url]
+    assert operator("runtime", "install", "box", "tool", *url)[:2] == \
+        (0, f"tool 1.0 installed (sha256 {sha256(GOOD_1)[:12]}...)\n")
+    assert operator("runtime", "upgrade", "box", "tool@2.0", *url)[0] == 0
+    code, out, _ = operator("runtime", "list", "box", "--json")
+    assert code == 0
+    assert [(r["version"], r["active"]) for r in json.loads(out)] == [("1.0", False),
+                                                                       ("2.0", True)]
+    assert operator("runtime", "rollback", "box", "tool")[:2] == \
+        (0, f"tool 1.0 active (sha256 {sha256(GOOD_1)[:12]}...)\n")
+    assert operator("runtime", "remove", "box", "tool@2.0")[0] == 0
+    code, _, err = operator("runtime", "remove", "box", "tool")
+    assert code == 2 and err == "zlh: error: name the version to remove: tool@VERSION\n"
+
+
+def test_cli_tampered_artifact_is_exit_7_and_old_runtime_stays(operator, served, box):
+    operator("runtime", "install", "box", "tool", "--artifacts-url", served.url)
+    (served.folder / "tool/2.0.tar.zst").write_bytes(GOOD_1)
+    code, _, err = operator("runtime", "upgrade", "box", "tool@2.0", "--artifacts-url",
+                            served.url)
+    assert code == 7
+    assert err.startswith(f"zlh: error: agent: {served.url}/tool/2.0.tar.zst: got ")
+    assert run_tool(box) == "tool 1.0\n"
+
+
+def test_cli_unknown_runtime_is_not_found(operator):
+    code, _, err = operator("runtime", "install", "box", "java@21")
+    assert code == 4 and "no runtime or server package named 'java'" in err

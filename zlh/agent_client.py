@@ -21,6 +21,9 @@ from agentd.models import (
     ConsoleGap,
     ConsoleLine,
     Provisioning,
+    RuntimeInfo,
+    RuntimeInstall,
+    RuntimeList,
     ServerSpec,
     Status,
 )
@@ -32,6 +35,8 @@ ConsoleRecord = ConsoleLine | ConsoleGap
 ACTIONS = ("start", "stop", "restart", "kill")
 # A stop waits for the game's own shutdown (grace + term_grace in its StopSpec).
 ACTION_TIMEOUT = 120.0
+# An install downloads, extracts and verifies a runtime of up to a few hundred MB.
+INSTALL_TIMEOUT = 600.0
 # A backup or restore of a big world, or a big upload, takes a while.
 LONG_TIMEOUT = 3600.0
 
@@ -168,6 +173,29 @@ class AgentClient:
 
         params = {"path": path, "recursive": str(recursive).lower()}
         return FileInfo.model_validate(self._request("DELETE", "/v1/files", params=params).json())
+
+    def runtimes(self) -> list[RuntimeInfo]:
+        return RuntimeList.model_validate(self._request("GET", "/v1/runtimes").json()).runtimes
+
+    def install_runtime(self, body: RuntimeInstall, timeout: float = INSTALL_TIMEOUT
+                        ) -> RuntimeInfo:
+        answer = self._request("POST", "/v1/runtimes", json=body.model_dump(mode="json"),
+                               timeout=timeout)
+        return RuntimeInfo.model_validate(answer.json())
+
+    def activate_runtime(self, name: str, version: str) -> RuntimeInfo:
+        answer = self._request("POST", f"/v1/runtimes/{name}/{version}/activate")
+        return RuntimeInfo.model_validate(answer.json())
+
+    def rollback_runtime(self, name: str) -> RuntimeInfo:
+        answer = self._request("POST", f"/v1/runtimes/{name}/rollback")
+        return RuntimeInfo.model_validate(answer.json())
+
+    def remove_runtime(self, name: str, version: str, force: bool = False) -> RuntimeInfo:
+        params = {"force": "true"} if force else {}
+        answer = self._request("DELETE", f"/v1/runtimes/{name}/{version}", params=params,
+                               timeout=ACTION_TIMEOUT)
+        return RuntimeInfo.model_validate(answer.json())
 
     # -- plumbing ---------------------------------------------------------------------
 

@@ -86,11 +86,11 @@ def _wrap_commands(group: typer.Typer) -> None:
 
 
 def _register() -> None:
-    from zlh.cli import artifacts, catalog, console, demo, playbooks, provision, servers
+    from zlh.cli import artifacts, catalog, console, demo, playbooks, provision, runtime, servers
 
     from zlh.cli import ide
 
-    for group in (demo, provision, servers, console, playbooks, catalog, artifacts, ide):
+    for group in (demo, provision, servers, console, playbooks, catalog, artifacts, ide, runtime):
         group.register(app)
     from zlh.cli import backup, files
 
