@@ -71,6 +71,7 @@ class RunResult:
 
 def run_backup(name: str, keep: KeepPolicy | None = None) -> RunResult:
     """Back up one server (and prune after a good backup when `keep` is given)."""
+    records.get(name)  # an unknown name is a usage problem, not a failed run
     began = time.monotonic()
     try:
         with _client(name) as client:
