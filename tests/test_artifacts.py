@@ -1,0 +1,66 @@
+"""`zlh artifacts add`: deterministic archives, and the committed catalog's hashes."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import zstandard
+
+from tests.components import cache_root
+from zlh import artifacts, catalog
+
+
+def _tree(folder: Path, mtime: int) -> Path:
+    (folder / "bin").mkdir(parents=True)
+    (folder / "bin/tool").write_text("#!/bin/sh\necho hi\n")
+    (folder / "bin/tool").chmod(0o775)
+    (folder / "lib").mkdir()
+    (folder / "lib/data.txt").write_text("data\n")
+    (folder / "lib/data.txt").chmod(0o600)
+    os.link(folder / "lib/data.txt", folder / "lib/same.txt")
+    (folder / "bin/alias").symlink_to("tool")
+    for path in folder.rglob("*"):
+        os.utime(path, (mtime, mtime), follow_symlinks=False)
+    return folder
+
+
+def test_pack_ignores_times_modes_and_link_counts(tmp_path: Path):
+    one = artifacts.pack(_tree(tmp_path / "a", 1_000_000), tmp_path / "a.tar.zst")
+    two = artifacts.pack(_tree(tmp_path / "b", 2_000_000), tmp_path / "b.tar.zst")
+    assert one == two
+
+    with open(tmp_path / "a.tar.zst", "rb") as raw:
+        stream = zstandard.ZstdDecompressor().stream_reader(raw)
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            members = [(m.name, m.type, oct(m.mode), m.mtime, m.uid, m.uname, m.linkname)
+                       for m in tar]
+    assert members == [
+        ("bin", tarfile.DIRTYPE, "0o755", 0, 0, "", ""),
+        ("bin/alias", tarfile.SYMTYPE, "0o777", 0, 0, "", "tool"),
+        ("bin/tool", tarfile.REGTYPE, "0o755", 0, 0, "", ""),
+        ("lib", tarfile.DIRTYPE, "0o755", 0, 0, "", ""),
+        ("lib/data.txt", tarfile.REGTYPE, "0o644", 0, 0, "", ""),
+        ("lib/same.txt", tarfile.REGTYPE, "0o644", 0, 0, "", ""),
+    ]
+
+
+def test_node_rebuild_matches_the_committed_catalog(tmp_path: Path):
+    """Two builds of node from PyPI: the same bytes, and the sha256 catalogs/ has."""
+    located = catalog.find("node", arch=catalog.machine_arch())
+    version = located.version.version
+    first = artifacts.add("node", version, tmp_path / "one")
+    second = artifacts.add("node", version, tmp_path / "two", tmp_path / "runtimes.yaml")
+    assert first.sha256 == second.sha256 == located.artifact.sha256
+    assert first.size == second.size == located.artifact.size
+    recorded = catalog.find("node", version, [tmp_path / "runtimes.yaml"])
+    assert recorded.artifact == located.artifact
+
+
+def test_flying_squid_rebuild_matches_the_committed_catalog():
+    """flying-squid from npm with the shipped lockfile: the catalog's sha256 again."""
+    located = catalog.find("flying-squid", arch=catalog.machine_arch())
+    folder = cache_root() / "artifacts-rebuild"
+    built = artifacts.add("flying-squid", located.version.version, folder)
+    assert (built.sha256, built.size) == (located.artifact.sha256, located.artifact.size)
