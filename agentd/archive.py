@@ -188,17 +188,48 @@ def write_archive(root: Path, paths: list[str], excluder: Excluder, out: BinaryI
     manifest = _Manifest([os.path.normpath(p) for p in paths])
     compressor = zstandard.ZstdCompressor(level=level, threads=threads)
     with compressor.stream_writer(sink, closefd=False) as zstd_out:  # type: ignore[arg-type]  # a writable file-like
-        with tarfile.open(fileobj=zstd_out, mode="w|", format=tarfile.PAX_FORMAT,
-                          copybufsize=CHUNK) as tar:
-            for rel, st in walk(root, manifest.paths, excluder, written.skipped):
-                _add(tar, root, rel, st, manifest, written)
-            data = manifest.encode(meta)
-            info = tarfile.TarInfo(MANIFEST)
-            info.size, info.mtime, info.mode = len(data), int(meta.get("time", 0)), 0o644
-            tar.addfile(info, _BytesSource(data))
+        tar = _TarStream(zstd_out)
+        for rel, st in walk(root, manifest.paths, excluder, written.skipped):
+            _add(tar, root, rel, st, manifest, written)
+        data = manifest.encode(meta)
+        info = tarfile.TarInfo(MANIFEST)
+        info.size, info.mtime, info.mode = len(data), int(meta.get("time", 0)), 0o644
+        tar.add(info, _BytesSource(data))
+        tar.close()
     written.manifest, written.manifest_sha256 = data, hashlib.sha256(data).hexdigest()
     written.size, written.sha256 = sink.size, sink.hash.hexdigest()
     return written
+
+
+class _TarStream:
+    """A tar writer with no buffering of its own: headers and data go straight to zstd.
+
+    tarfile's stream mode re-slices a 10 KiB buffer for every block it writes, which
+    made archiving a third as fast as `tar | zstd`; this writes what tarfile would.
+    """
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self._offset = 0
+
+    def _write(self, data: bytes) -> None:
+        self._out.write(data)
+        self._offset += len(data)
+
+    def add(self, info: tarfile.TarInfo, source: _FileSource | _BytesSource | None = None) -> None:
+        self._write(info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape"))
+        if source is None:
+            return
+        left = info.size
+        while left > 0:
+            chunk = source.read(min(CHUNK, left))
+            self._write(chunk)
+            left -= len(chunk)
+        self._write(bytes((-info.size) % tarfile.BLOCKSIZE))
+
+    def close(self) -> None:
+        self._write(bytes(2 * tarfile.BLOCKSIZE))
+        self._write(bytes((-self._offset) % tarfile.RECORDSIZE))
 
 
 class _BytesSource:
@@ -248,14 +279,14 @@ def _walk_dir(root: Path, rel: str, st: os.stat_result, excluder: Excluder,
             yield child, child_st
 
 
-def _add(tar: tarfile.TarFile, root: Path, rel: str, st: os.stat_result,
+def _add(tar: _TarStream, root: Path, rel: str, st: os.stat_result,
          manifest: _Manifest, written: Written) -> None:
     info = tarfile.TarInfo(rel)
     info.mode, info.mtime = stat.S_IMODE(st.st_mode), int(st.st_mtime)
     info.uid, info.gid = st.st_uid, st.st_gid
     if stat.S_ISDIR(st.st_mode):
         info.type = tarfile.DIRTYPE
-        tar.addfile(info)
+        tar.add(info)
         manifest.dirs.append(rel)
     elif stat.S_ISLNK(st.st_mode):
         _add_link(tar, root, rel, info, manifest, written)
@@ -265,18 +296,18 @@ def _add(tar: tarfile.TarFile, root: Path, rel: str, st: os.stat_result,
         written.skipped.append(rel)
 
 
-def _add_link(tar: tarfile.TarFile, root: Path, rel: str, info: tarfile.TarInfo,
+def _add_link(tar: _TarStream, root: Path, rel: str, info: tarfile.TarInfo,
               manifest: _Manifest, written: Written) -> None:
     target = os.readlink(root / rel)
     if not inside(root, os.path.join(os.path.dirname(root / rel), target)):
         written.skipped.append(rel)  # a link out of the server root is not world data
         return
     info.type, info.linkname = tarfile.SYMTYPE, target
-    tar.addfile(info)
+    tar.add(info)
     manifest.links[rel] = target
 
 
-def _add_file(tar: tarfile.TarFile, root: Path, rel: str, info: tarfile.TarInfo,
+def _add_file(tar: _TarStream, root: Path, rel: str, info: tarfile.TarInfo,
               manifest: _Manifest, written: Written) -> None:
     try:
         handle = open(root / rel, "rb", buffering=0)
@@ -288,7 +319,7 @@ def _add_file(tar: tarfile.TarFile, root: Path, rel: str, info: tarfile.TarInfo,
         before = os.fstat(handle.fileno())
         info.size = before.st_size
         source = _FileSource(handle, before.st_size)  # type: ignore[arg-type]  # raw file
-        tar.addfile(info, source)
+        tar.add(info, source)
         after = os.fstat(handle.fileno())
     changed = source.short or (after.st_size, after.st_mtime_ns) != (
         before.st_size, before.st_mtime_ns)
