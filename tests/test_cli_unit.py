@@ -477,6 +477,7 @@ def test_a_taken_game_port_is_named_and_recorded(zlh, monkeypatch) -> None:
         monkeypatch.setattr(ports, "free_port", lambda *args: next(handed_out))
         monkeypatch.setattr(provision, "_install_artifact", lambda *args: None)
         monkeypatch.setattr(LocalProvider, "start_agent", lambda *args, **kwargs: None)
+        monkeypatch.setattr(provision._Run, "_install_runtimes", lambda self: None)
 
         result = zlh("provision", "minecraft-squid", "alpha")
 
@@ -486,4 +487,4 @@ def test_a_taken_game_port_is_named_and_recorded(zlh, monkeypatch) -> None:
         f"{taken}/tcp (game of alpha) on 127.0.0.1 is already in use\n"
     )
     [server] = json.loads(zlh("servers", "list", "--json").out)
-    assert (server["step"], server["status"]) == ("agent-started", "failed")
+    assert (server["step"], server["status"]) == ("runtimes-installed", "failed")

@@ -116,20 +116,25 @@ def test_squid_settings_are_json_with_the_values() -> None:
         "version": "1.21.4",
     }
     game = rendered.spec.processes[0]
-    assert game.argv == ["node", f"{ROOT}/launcher.js", f"{ROOT}/settings.json"]
+    assert game.argv == ["flying-squid-server", f"{ROOT}/settings.json"]
     assert game.readiness == MinecraftProbe.model_validate(
         {"type": "minecraft", "host": "127.0.0.1", "port": 25599, "interval": 0.5, "timeout": 2}
     )
     assert (game.stop.command, game.stop.grace, game.startup_timeout) == ("stop", 20, 90)
 
 
-def test_squid_is_pinned_to_the_measured_tarball() -> None:
-    (artifact,) = load_playbook("minecraft-squid").artifacts
+def test_squid_comes_from_the_catalogs() -> None:
+    from zlh import catalog
 
-    assert artifact.model_dump(include={"package", "version", "sha256"}) == {
-        "package": "flying-squid", "version": "1.12.0",
-        "sha256": "aa107ab4c5239a7acf4f70c927d2c3582d29dede55efdce784b01e2644212475",
-    }
+    playbook = load_playbook("minecraft-squid")
+    (artifact,) = playbook.artifacts
+    assert artifact.model_dump() == {"source": "catalog", "name": "flying-squid",
+                                     "version": "1.12.0"}
+    assert [(r.name, r.version, r.source) for r in playbook.runtimes] == [
+        ("node", "20.18.0", "catalog")]
+    squid = catalog.find("flying-squid", "1.12.0", arch="x86_64")
+    assert squid.artifact.sha256 == (
+        "85c5b5747836d5e51772555bfd507ec48486313f6a17587d38a18b39128c3d4b")
 
 
 def test_minetest_runs_the_binary_with_its_config() -> None:
@@ -221,7 +226,7 @@ def test_playbook_by_path_remembers_its_source(in_tmp: Path) -> None:
         (
             "    source: url\n",
             "    source: ftp\n",
-            "tiny.yaml:8: artifacts[0].source: should be one of 'npm', 'url', 'system', "
+            "tiny.yaml:8: artifacts[0].source: should be one of 'npm', 'url', 'system', 'catalog', "
             "not 'ftp'",
         ),
         (

@@ -176,7 +176,8 @@ def pack(source: Path, target: Path, level: int = ZSTD_LEVEL) -> tuple[int, str]
 
     compressor = zstandard.ZstdCompressor(level=level, threads=0, write_content_size=False,
                                           write_checksum=True)
-    tmp = target.with_name(f".{target.name}.tmp")
+    # A name of its own: two provisionings may build the same artifact at once.
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with (
         open(tmp, "wb") as raw,
         compressor.stream_writer(raw, closefd=False) as zout,

@@ -102,6 +102,8 @@ class Resources(Model):
 class Runtime(Model):
     name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")
     version: Version
+    source: Literal["system", "catalog"] = Field(
+        "system", description="catalog: installed by the agent from catalogs/, hash-checked")
 
 
 # -- artifacts -------------------------------------------------------------------------
@@ -179,8 +181,16 @@ class SystemArtifact(Model):
         return value
 
 
+class CatalogArtifact(Model):
+    """A server package of the catalogs (`servers:`), installed by the agent like a runtime."""
+
+    source: Literal["catalog"]
+    name: str = Field(pattern=NAME_PATTERN)
+    version: Version
+
+
 Artifact = Annotated[
-    NpmArtifact | UrlArtifact | SystemArtifact, Field(discriminator="source")
+    NpmArtifact | UrlArtifact | SystemArtifact | CatalogArtifact, Field(discriminator="source")
 ]
 
 

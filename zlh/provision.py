@@ -3,7 +3,10 @@
 The steps run in order, and each one that completes is recorded in the inventory:
 
     registered -> container-created -> artifacts-installed -> files-rendered
-               -> agent-started -> spec-applied -> ready
+               -> agent-started -> runtimes-installed -> spec-applied -> ready
+
+(runtimes-installed: the playbook's catalog runtimes and server packages, through the
+agent's hash-checked install; see zlh/runtimes.py.)
 
 A re-run on an unfinished server resumes after the last recorded step (with the same
 playbook); a finished one is refused. One run per name at a time: an flock on
@@ -47,6 +50,7 @@ STEPS = (
     "artifacts-installed",
     "files-rendered",
     "agent-started",
+    "runtimes-installed",
     "spec-applied",
     "ready",
 )
@@ -105,6 +109,9 @@ def provision(request: ProvisionRequest, on_step: StepCallback | None = None) ->
     playbooks.resolve_values(playbook, request.values)
     _check_pinned(playbook, request.allow_unpinned)
     playbooks.require_system_artifacts(playbook)
+    from zlh import runtimes
+
+    runtimes.playbook_items(playbook)  # every catalog entry the playbook names exists
     tiers.for_request(playbook, request.tier)
 
     home = zlh_home()
@@ -180,6 +187,7 @@ class _Run:
             "artifacts-installed": self._install_artifacts,
             "files-rendered": self._render_files,
             "agent-started": self._start_agent,
+            "runtimes-installed": self._install_runtimes,
             "spec-applied": self._apply_spec,
             "ready": self._wait_ready,
         }
@@ -329,6 +337,15 @@ class _Run:
     def _start_agent(self) -> None:
         self.provider.start_agent(self.request.name, timeout=AGENT_START_TIMEOUT)
 
+    def _install_runtimes(self) -> None:
+        # Catalog runtimes and server packages: the agent downloads and checks them.
+        from zlh import runtimes
+
+        assert self.record is not None
+        items = runtimes.playbook_items(self.playbook)
+        if items:
+            runtimes.install_many(self.record, items)
+
     def _apply_spec(self) -> None:
         from agentd.models import Provisioning
         from zlh.ports import require_free
@@ -392,6 +409,8 @@ def _install_artifact(artifact: Any, root: Path, cache: Path, allow_unpinned: bo
             allow_unpinned=allow_unpinned,
         )
         _copy_launcher(artifact.package, root)
+    elif artifact.source == "catalog":
+        return  # installed by the agent in the runtimes-installed step
     elif artifact.source == "system":
         if not Path(artifact.path).exists():
             raise ProvisionError(f"{artifact.path} is missing: apt-get install -y {artifact.apt}")

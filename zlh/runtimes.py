@@ -6,7 +6,7 @@ the agent downloads it from the artifact server and checks it (agentd/runtimes.p
 Where the artifacts come from: `--artifacts-url`, `$ZLH_ARTIFACTS_URL` or `artifacts_url`
 in the operator config. Without one, a server on the local provider gets them from a
 local artifact server that zlh runs for the duration of the call over
-`$ZLH_HOME/artifacts`, building a missing artifact from its registry first
+`$ZLH_HOME/cache/artifacts`, building a missing artifact from its registry first
 (zlh/artifacts.py), so the same hash-checked path works on a fresh machine.
 """
 
@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from zlh import records
-from zlh.errors import UsageError
+from zlh.errors import NotFoundError, UsageError
 
 if TYPE_CHECKING:
     from agentd.models import RuntimeInfo, RuntimeInstall
     from zlh.catalog import Located, Version
     from zlh.inventory import Server
+    from zlh.playbooks import Playbook
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,10 @@ class RuntimeRef:
 
 
 def local_artifacts() -> Path:
+    """Built artifacts are a cache: anything in it can be rebuilt from the registries."""
     from zlh.paths import zlh_home
 
-    return zlh_home() / ARTIFACTS_FOLDER
+    return zlh_home() / "cache" / ARTIFACTS_FOLDER
 
 
 @contextlib.contextmanager
@@ -73,6 +75,23 @@ def artifact_base(record: Server, items: list[Located], given: str | None) -> It
             ensure(item, folder)
     with ArtifactServer(folder) as server:
         yield server.url
+
+
+def playbook_items(playbook: Playbook) -> list[Located]:
+    """The catalog artifacts a playbook asks for: `source: catalog` runtimes first (a server
+    package may need them to verify), then `source: catalog` artifacts. A runtime whose
+    catalog entry or version is missing raises NotFoundError naming the playbook."""
+    from zlh import catalog
+
+    wanted = [(r.name, r.version) for r in playbook.runtimes if r.source == "catalog"]
+    wanted += [(a.name, a.version) for a in playbook.artifacts if a.source == "catalog"]
+    items = []
+    for name, version in wanted:
+        try:
+            items.append(catalog.find(name, version))
+        except NotFoundError as exc:
+            raise NotFoundError(f"playbook {playbook.name}: {exc}") from None
+    return items
 
 
 def install_body(item: Located, base: str, activate: bool = True) -> RuntimeInstall:

@@ -96,6 +96,9 @@ def _register() -> None:
 
     backup.register(app)
     files.register(app)
+    from zlh.cli import agent
+
+    agent.register(app)
     _wrap_commands(app)
 
 

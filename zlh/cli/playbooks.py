@@ -70,6 +70,8 @@ def _detail(playbook: Any) -> Any:
 def _artifact(artifact: Any) -> str:
     if artifact.source == "system":
         return f"system file {artifact.path} (apt {artifact.apt})"
+    if artifact.source == "catalog":
+        return f"catalog {artifact.name}@{artifact.version} (sha256 in catalogs/)"
     where = f"npm {artifact.package}@{artifact.version}" if artifact.source == "npm" else (
         f"url {artifact.url}")
     pin = "unpinned" if artifact.unpinned else f"sha256 {artifact.sha256[:12]}..."
