@@ -59,7 +59,11 @@ class Provider(Protocol):
     def agent_running(self, name: str) -> bool:
         ...
 
-    def stop_agent(self, name: str, timeout: float) -> None:
+    def agent_process(self, name: str) -> AgentProcess | None:
+        """The recorded agent, if that very process (pid and start time) still runs."""
+        ...
+
+    def stop_agent(self, name: str, timeout: float, detach: bool = False) -> None:
         ...
 
     def delete(self, name: str) -> None:

@@ -175,8 +175,9 @@ class LocalProvider:
     def _log_tail(self, name: str) -> str:
         return str(self.folder(name) / "var/log/agentd.log")
 
-    def stop_agent(self, name: str, timeout: float = 60.0) -> None:
-        """SIGTERM to the recorded agent (identity checked), SIGKILL after `timeout`."""
+    def stop_agent(self, name: str, timeout: float = 60.0, detach: bool = False) -> None:
+        """SIGTERM to the recorded agent (identity checked), SIGKILL after `timeout`.
+        With `detach`, SIGUSR2: the agent leaves and its processes keep running."""
         process = self.agent_process(name)
         if process is None:
             return
@@ -184,7 +185,7 @@ class LocalProvider:
 
         try:
             target = psutil.Process(process.pid)
-            target.send_signal(signal.SIGTERM)
+            target.send_signal(signal.SIGUSR2 if detach else signal.SIGTERM)
             target.wait(timeout)
         except psutil.NoSuchProcess:
             pass
