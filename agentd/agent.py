@@ -136,6 +136,7 @@ class Agent:
     async def _remove(self, name: str) -> None:
         sup = self.supervisors.pop(name)
         await sup.shutdown()
+        sup.release()
         sup.console.close()
 
     def set_provisioning(self, value: Provisioning) -> Provisioning:

@@ -61,6 +61,9 @@ def _exec_child(launch, slave_fd, report_fd):
         # Python ignores SIGPIPE and SIGXFSZ; the program must get the defaults back.
         for number in (signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(number, signal.SIG_DFL)
+        if launch.get("cgroup_procs"):
+            with open(launch["cgroup_procs"], "w") as procs:
+                procs.write(str(os.getpid()))
         os.setsid()
         for fd in (0, 1, 2):
             os.dup2(slave_fd, fd)

@@ -126,6 +126,9 @@ class ProcessSpec(Model):
     readiness: Probe | None = None
     liveness: Probe | None = None
     port: int | None = Field(None, ge=1, le=65535, description="public game port")
+    memory_limit_mb: int | None = Field(
+        None, ge=16, description="memory cgroup limit, where the machine allows one"
+    )
 
     @field_validator("argv")
     @classmethod

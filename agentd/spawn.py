@@ -48,6 +48,7 @@ class Launch:
     env: dict[str, str]
     user: str | None
     env_files: tuple[tuple[str, Path], ...] = ()  # (VAR, absolute path)
+    cgroup_procs: Path | None = None  # the child joins this cgroup before exec
 
 
 def read_env_files(files: tuple[tuple[str, Path], ...]) -> dict[str, str]:
@@ -236,7 +237,8 @@ def spawn(launch: Launch, folder: Path, name: str) -> Child:
     env[MARKER_VAR] = marker
     launch_file = folder / f"{name}.launch"
     payload = {"dir": str(folder), "name": name, "argv": launch.argv,
-               "cwd": str(launch.cwd), "env": env, "user": launch.user}
+               "cwd": str(launch.cwd), "env": env, "user": launch.user,
+               "cgroup_procs": str(launch.cgroup_procs) if launch.cgroup_procs else None}
     _write_private(launch_file, json.dumps(payload).encode())
 
     info = _start_holder(launch_file)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from agentd.cgroup import MemoryGroup
 from agentd.console import Console
 from agentd.errors import Conflict
 from agentd.logs import fields
@@ -76,6 +78,7 @@ class Supervisor:
         self._holder_lost = False
         self._wanted = False  # the operator wants it up: false after stop or kill
         self._oom_before: int | None = None
+        self._memory: MemoryGroup | None = None
         self._failures: deque[float] = deque()
         self._streak = 0  # crashes since the last stable run; sets the backoff delay
         self._tasks: set[asyncio.Task[None]] = set()
@@ -185,9 +188,11 @@ class Supervisor:
         cwd = self.server_root / (self.spec.cwd or ".")
         files = tuple((var, self.container_root / path)
                       for var, path in self.spec.env_files.items())
-        launch = Launch(self.spec.argv, cwd, self.spec.env, self.spec.user, files)
+        memory = self._memory_group()
+        launch = Launch(self.spec.argv, cwd, self.spec.env, self.spec.user, files,
+                        memory.procs_file if memory else None)
         try:
-            self._oom_before = oom_kill_count()
+            self._oom_before = self._oom_count()
             child = spawn(launch, self.holders, self.spec.name)
         except SpawnError as exc:
             self.console.note(f"[zlh] {exc}")
@@ -289,9 +294,9 @@ class Supervisor:
         if code >= 0:
             return "exit-code", f"exited with code {code}", False
         if -code == signal.SIGKILL and not self._sent_sigkill:
-            after = oom_kill_count()
+            after = self._oom_count()
             if after is not None and self._oom_before is not None and after > self._oom_before:
-                return "oom-killed", "the cgroup's oom_kill counter rose", False
+                return "oom-killed", "the memory cgroup's oom_kill counter rose", False
             if after is None:
                 return ("signal", "SIGKILL not sent by the agent; possibly the OOM killer "
                         "(inferred: no cgroup memory events here)", True)
@@ -451,6 +456,30 @@ class Supervisor:
         self._sent_sigkill = True
         signal_tree(child.identity, child.marker, signal.SIGKILL)
 
+    # -- memory cgroup ------------------------------------------------------------------
+
+    def _memory_group(self) -> MemoryGroup | None:
+        """The process's own memory cgroup (named after the process and this agent's
+        state folder, so a restarted agent finds the same one), if the machine allows."""
+        if self._memory is None:
+            suffix = hashlib.sha1(str(self.holders).encode()).hexdigest()[:8]
+            limit = self.spec.memory_limit_mb
+            self._memory = MemoryGroup.open(f"zlh-{self.spec.name}-{suffix}",
+                                            None if limit is None else limit * 2**20)
+        return self._memory
+
+    def _oom_count(self) -> int | None:
+        """OOM kills in the process's own cgroup, else in the agent's."""
+        if self._memory is not None:
+            return self._memory.oom_kills()
+        return oom_kill_count()
+
+    def release(self) -> None:
+        """The process is removed from the spec: its cgroup goes too."""
+        if self._memory is not None:
+            self._memory.remove()
+            self._memory = None
+
     # -- bookkeeping --------------------------------------------------------------------
 
     def _transition(self, state: ProcessState, **extra: object) -> None:
@@ -469,6 +498,7 @@ class Supervisor:
             "started_at": self._started_at, "ready_at": self._ready_at,
             "restarts": self.restarts, "last_exit_code": self.last_exit_code,
             "expect_exit": self._expect_exit, "stop_sent": self._stop_sent,
+            "oom_before": self._oom_before,
             "crashes": [c.model_dump(by_alias=True) for c in self.crashes],
         }
         path = self.holders / f"{self.spec.name}.state"
@@ -484,6 +514,8 @@ class Supervisor:
         self.restarts = int(saved.get("restarts", 0))
         self.last_exit_code = saved.get("last_exit_code")
         self._wanted = bool(saved.get("wanted", False))
+        oom_before = saved.get("oom_before")
+        self._oom_before = oom_before if isinstance(oom_before, int) else None
         for crash in saved.get("crashes", []):
             self.crashes.append(CrashRecord.model_validate(crash))
         return saved  # type: ignore[no-any-return]  # our own JSON
@@ -493,6 +525,7 @@ class Supervisor:
         while no agent was there. False when there is nothing to take up."""
         saved = self._load()
         found = find(self.holders, self.spec.name)
+        self._memory_group()
         if found is None:
             return bool(saved) and not self._wanted
         if found.child is not None:
@@ -517,6 +550,9 @@ class Supervisor:
         else:
             self._transition("starting")
             self._start_probes(child)
+        if saved.get("state") == "stopping":
+            # The last agent died mid-stop: finish the job, escalation included.
+            self._track(self.stop())
 
     def _settle_absent(self, found: Found, saved: dict[str, object]) -> None:
         """The program ended while no agent was attached: record it as if seen."""

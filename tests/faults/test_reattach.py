@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import threading
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -136,3 +139,32 @@ def test_deep_state_folder_beyond_socket_path_limit(tmp_path):
         assert agent.wait_state("game", "running")["pid"] == before["pid"]
     finally:
         agent.stop()
+
+
+def test_agent_killed_mid_stop_finishes_the_stop(box):
+    box.put_spec(game(argv=fake("--ignore-stop", "--ignore-term"),
+                      stop={"command": "stop", "grace": 1.0, "term_grace": 0.5}))
+    pid = box.wait_state("game", "running")["pid"]
+    def stop_and_lose_the_answer() -> None:
+        # The agent is killed while this request waits: no answer is the expected end.
+        with contextlib.suppress(httpx.HTTPError):
+            box.action("game", "stop")
+
+    threading.Thread(target=stop_and_lose_the_answer, daemon=True).start()
+    box.wait_state("game", "stopping")
+    restart_agent(box)
+    proc = box.wait_state("game", "stopped", timeout=30)
+    assert proc["last_crash"] is None
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+
+
+def test_memory_limited_child_is_classified_oom_killed(box):
+    hog = ["python3", "-c", "import sys; print('eating', flush=True); "
+           "x = bytearray(400 * 2**20); print('survived', flush=True)"]
+    box.put_spec(game(argv=hog, readiness=None, memory_limit_mb=64,
+                      restart={"policy": "never"}))
+    proc = box.wait_state("game", "stopped", timeout=30)
+    crash = proc["last_crash"]
+    assert crash is not None, box.console_text("game")
+    assert crash["class"] == "oom-killed" and crash["inferred"] is False, crash
+    assert "survived" not in box.console_text("game")
