@@ -24,9 +24,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.components import cache_root  # noqa: E402  # the repo root is on the path now
-from zlh import codeserver  # noqa: E402
-from zlh.errors import ZlhError  # noqa: E402
+from tests.components import cache_root  # the repo root is on the path now
+from zlh import codeserver
+from zlh.errors import ZlhError
 
 CHROMIUM = Path("/usr/bin/chromium")
 SETUP_HINT = "bash .ci/setup installs it"
@@ -76,13 +76,13 @@ class Browser:
         self.port = 0
 
     def start(self, timeout: float = 30) -> Browser:
-        log = open(self.folder / "chromium.log", "wb")
-        self.proc = subprocess.Popen(
-            [str(chromium()), *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}",
-             "about:blank"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        with open(self.folder / "chromium.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                [str(chromium()), *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}",
+                 "about:blank"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         port_file = self.profile / "DevToolsActivePort"
         deadline = time.monotonic() + timeout
         while not (port_file.exists() and port_file.read_text().strip()):

@@ -50,7 +50,7 @@ def _configure(env: dict[str, str], **sections: object) -> None:
 
 
 @pytest.mark.parametrize(("configured", "asked", "source", "memory"), [
-    ({}, None, "playbook", 1024),
+    ({}, None, "playbook", 1280),
     ({}, "large", "playbook", 4096),
     ({"small": TINY}, None, "operator config", 256),
     ({"huge": {**TINY, "memory_mb": 8192}}, "huge", "operator config", 8192),
@@ -104,11 +104,11 @@ def _tier(memory_mb: int) -> tiers.Tier:
 
 @pytest.mark.parametrize(("limits", "message"), [
     ({"servers_per_owner": 2},
-     "quota: owner ann already has 2 server(s) and the limit is 2 (servers_per_owner, "
-     "limits in the operator config)"),
+     ("quota: owner ann already has 2 server(s) and the limit is 2 (servers_per_owner, "
+     "limits in the operator config)")),
     ({"total_memory_mb": 4000},
-     "quota: tier small needs 1024 MiB; with the 3072 MiB already given out that is "
-     "4096 MiB, over the limit of 4000 MiB (total_memory_mb, limits in the operator config)"),
+     ("quota: tier small needs 1024 MiB; with the 3072 MiB already given out that is "
+     "4096 MiB, over the limit of 4000 MiB (total_memory_mb, limits in the operator config)")),
 ], ids=["servers-per-owner", "total-memory"])
 def test_a_server_over_a_limit_is_refused(
     operator: dict[str, str], limits: dict, message: str
@@ -145,12 +145,12 @@ def test_a_server_within_the_limits_is_admitted(
     (["--tier", "xl"], {}, 2,
      "zlh: error: --tier xl: no such tier; known: large, medium, small\n"),
     (["--owner", "ann"], {"limits": {"servers_per_owner": 0}}, 5,
-     "zlh: error: provisioning dev1: step registered failed: quota: owner ann already has "
-     "0 server(s) and the limit is 0 (servers_per_owner, limits in the operator config)\n"),
+     ("zlh: error: provisioning dev1: step registered failed: quota: owner ann already has "
+     "0 server(s) and the limit is 0 (servers_per_owner, limits in the operator config)\n")),
     (["--tier", "large"], {"limits": {"total_memory_mb": 2048}}, 5,
-     "zlh: error: provisioning dev1: step registered failed: quota: tier large needs 4096 "
+     ("zlh: error: provisioning dev1: step registered failed: quota: tier large needs 4096 "
      "MiB; with the 0 MiB already given out that is 4096 MiB, over the limit of 2048 MiB "
-     "(total_memory_mb, limits in the operator config)\n"),
+     "(total_memory_mb, limits in the operator config)\n")),
 ], ids=["unknown-tier", "owner-quota", "memory-quota"])
 def test_provision_refuses_and_registers_nothing(
     operator: dict[str, str], args: list[str], config: dict, code: int, error: str

@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
@@ -24,6 +25,10 @@ from zlh.devcontainer import container_root
 from zlh.errors import ConfigError, NotFoundError, ProvisionError, UsageError, ZlhError
 from zlh.inventory import Server
 from zlh.yamlfile import display_path, read_yaml, validate
+
+if TYPE_CHECKING:
+    from agentd.models import ProcessStatus
+    from zlh.agent_client import AgentClient
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +119,10 @@ def rotate(name: str) -> Rotated:
     return Rotated(name, str(path), process.state, process.ready, process.pid)
 
 
-def _wait_ready(client: object, name: str) -> object:
+def _wait_ready(client: AgentClient, name: str) -> ProcessStatus:
     deadline = time.monotonic() + READY_TIMEOUT
     while True:
-        status = client.status()  # type: ignore[attr-defined]  # an AgentClient
+        status = client.status()
         process = next(p for p in status.processes if p.name == codeserver.PROCESS)
         if process.ready or process.state == "fatal" or time.monotonic() > deadline:
             if not process.ready:
