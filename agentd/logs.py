@@ -37,6 +37,8 @@ def setup(level: int = logging.INFO) -> None:
     root.setLevel(level)
     # uvicorn's access log would double every request; our API logs errors itself.
     logging.getLogger("uvicorn.access").disabled = True
+    # http probes would log every attempt (code-server's /healthz every few seconds).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.Formatter.converter = time.gmtime
 
 
