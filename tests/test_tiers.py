@@ -260,3 +260,39 @@ def test_without_a_limit_there_is_no_warning(agent: AgentProcess) -> None:
 
     assert disk["limit_bytes"] is None and disk["warning"] is None
     assert agent.events("disk_near_limit") == []
+
+
+# -- the dev playbooks -------------------------------------------------------------------
+
+DEV_PLAYBOOKS = ["dev-dotnet", "dev-java", "dev-node", "dev-python"]
+
+
+@pytest.mark.parametrize("name", DEV_PLAYBOOKS, ids=DEV_PLAYBOOKS)
+def test_a_dev_playbook_names_its_runtime_tier_and_ide(name: str) -> None:
+    playbook = load_playbook(name)
+
+    assert (playbook.kind, playbook.tier, playbook.problems()) == ("dev", "small", [])
+    assert playbook.dev is not None and playbook.dev.code_server and playbook.dev.ssh
+    assert playbook.ports["ide"].protocol == "tcp" and playbook.processes == {}
+    assert [r.name for r in playbook.runtimes] == [name.removeprefix("dev-")]
+    assert playbook.resources["small"].memory_mb == 1280
+
+
+@pytest.mark.parametrize("ports", [
+    {},
+    {"ide": {"protocol": "udp"}},
+], ids=["no-ide-port", "udp-ide-port"])
+def test_code_server_needs_a_tcp_port_named_ide(tmp_path: Path, ports: dict) -> None:
+    from zlh.errors import ConfigError
+
+    path = tmp_path / "dev-x.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "dev-x", "kind": "dev", "tier": "small", "ports": ports,
+        "resources": {"small": TINY}, "dev": {"code_server": True},
+    }))
+
+    with pytest.raises(ConfigError) as info:
+        load_playbook(path)
+
+    assert str(info.value).endswith(
+        "dev.code_server: needs a tcp port named ide and no process named ide")
