@@ -17,6 +17,9 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel
 
 from agentd import __version__
 from agentd.backups import BackupManager
@@ -31,6 +34,7 @@ from agentd.sampler import Sampler
 from agentd.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
 
 
 def write_json_atomic(path: Path, data: object) -> None:
@@ -83,7 +87,7 @@ class Agent:
         log.info("shutdown", extra=fields(processes=len(stops), deadline=deadline))
         try:
             await asyncio.wait_for(asyncio.gather(*stops), deadline)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.error("shutdown_deadline", extra=fields(deadline=deadline))
             await asyncio.gather(*(sup.kill() for sup in self.supervisors.values()))
         for sup in self.supervisors.values():
@@ -173,10 +177,10 @@ class Agent:
     def _pids(self) -> list[int]:
         return [sup.pid for sup in self.supervisors.values() if sup.pid is not None]
 
-    def _load(self, filename: str, model: type) -> object | None:
+    def _load(self, filename: str, model: type[M]) -> M | None:
         path = self.config.state_dir / filename
         try:
-            return model.model_validate_json(path.read_text())  # type: ignore[attr-defined]
+            return model.model_validate_json(path.read_text())
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:

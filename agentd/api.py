@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from agentd.agent import Agent
 from agentd.api_backups import routes as backup_routes
 from agentd.api_runtimes import routes as runtime_routes
-from agentd.errors import AgentError, Invalid, TooLarge, Unauthorized
+from agentd.errors import AgentError, Invalid, TooLarge
 from agentd.logs import fields
 from agentd.models import ConsoleInput, ErrorBody, ErrorDetail, Provisioning, ServerSpec
 

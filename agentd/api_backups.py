@@ -23,7 +23,7 @@ def routes(agent: Agent, limit: int) -> list[Route]:
     from agentd.api import _body, _json
 
     async def backup_list(request: Request) -> Response:
-        return _json(agent.backups.list())
+        return _json(agent.backups.listing())
 
     async def backup_run(request: Request) -> Response:
         body = await _body(request, BackupRequest, limit) if await _has_body(request) \

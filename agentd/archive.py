@@ -193,7 +193,7 @@ def write_archive(root: Path, paths: list[str], excluder: Excluder, out: BinaryI
             _add(tar, root, rel, st, manifest, written)
         data = manifest.encode(meta)
         info = tarfile.TarInfo(MANIFEST)
-        info.size, info.mtime, info.mode = len(data), int(meta.get("time", 0)), 0o644
+        info.size, info.mtime, info.mode = len(data), int(float(str(meta.get("time", 0)))), 0o644
         tar.add(info, _BytesSource(data))
         tar.close()
     written.manifest, written.manifest_sha256 = data, hashlib.sha256(data).hexdigest()

@@ -141,7 +141,7 @@ class BackupManager:
         next_seq, records = self._load()
         self._save(max(next_seq, record.seq + 1), [*records, record])
 
-    def list(self) -> BackupList:
+    def listing(self) -> BackupList:
         return BackupList(running=self.running, backups=self._load()[1])
 
     def find(self, backup_id: str) -> BackupRecord:
@@ -322,7 +322,8 @@ class BackupManager:
             await sup.stop()
         await asyncio.to_thread(swap_back, self.root, staging / ".failed", keep, paths)
         ready = await _start_ready(sup, timeout)
-        again = "it is ready again" if ready else f"but it is not ready either ({sup and sup.state})"
+        state_now = sup.state if sup else "gone"
+        again = "it is ready again" if ready else f"but it is not ready either ({state_now})"
         raise OperationFailed(f"the world of backup {backup_id} did not come up (state "
                               f"{state}); the previous world is back and {again}")
 
@@ -430,7 +431,7 @@ class _Watch:
             self._event.clear()
             try:
                 await asyncio.wait_for(self._event.wait(), min(left, 1.0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass  # look at the process state again
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import signal
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -74,7 +74,7 @@ class MinecraftProbe(ProbeBase):
 
 
 Probe = Annotated[
-    Union[LogProbe, TcpProbe, HttpProbe, MinecraftProbe], Field(discriminator="type")
+    LogProbe | TcpProbe | HttpProbe | MinecraftProbe, Field(discriminator="type")
 ]
 
 

@@ -29,7 +29,7 @@ def strip_ansi(text: str) -> str:
 async def check(probe: TcpProbe | HttpProbe | MinecraftProbe) -> str | None:
     try:
         return await asyncio.wait_for(_attempt(probe), probe.timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return f"no answer within {probe.timeout:g}s"
     except OSError as exc:
         return exc.strerror or str(exc) or type(exc).__name__

@@ -15,7 +15,6 @@ the event loop, so there is no polling and no reaper thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -24,8 +23,9 @@ import random
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from agentd.cgroup import MemoryGroup
 from agentd.console import Console
@@ -398,8 +398,8 @@ class Supervisor:
         self._track(self._readiness(child))
         self._track(self._startup_deadline(child))
 
-    def _track(self, coro: object) -> None:
-        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]  # coroutine
+    def _track(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -595,7 +595,7 @@ async def _wait(future: asyncio.Future[int], timeout: float) -> bool:
     try:
         await asyncio.wait_for(asyncio.shield(future), timeout)
         return True
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return False
 
 

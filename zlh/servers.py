@@ -328,7 +328,7 @@ def _minecraft_check(address: str, port: int) -> Check:
     # mangle the ping response.
     try:
         answer = JavaServer(address, port, timeout=3).status()
-    except (OSError, ValueError, IOError) as exc:
+    except (OSError, ValueError) as exc:
         return Check("minecraft ping", False, f"{address}:{port}: {exc or type(exc).__name__}")
     version = answer.version.name
     return Check("minecraft ping", True, f"{address}:{port}: {version}, {answer.latency:.0f} ms")
