@@ -296,3 +296,38 @@ def test_code_server_needs_a_tcp_port_named_ide(tmp_path: Path, ports: dict) -> 
 
     assert str(info.value).endswith(
         "dev.code_server: needs a tcp port named ide and no process named ide")
+
+
+class _Provider:
+    def __init__(self, root: Path, in_container: bool | None) -> None:
+        self.name = "test"
+        self.root = root
+        if in_container is not None:
+            self.agent_in_container = in_container
+
+    def folder(self, name: str) -> Path:
+        return self.root / name
+
+
+@pytest.mark.parametrize(("in_container", "user"), [
+    (None, None), (False, None), (True, "dev"),
+], ids=["local-like", "backing-folder", "agent-in-container"])
+def test_the_ide_process_spec(tmp_path: Path, in_container: bool | None,
+                              user: str | None) -> None:
+    from agentd.models import ServerSpec
+    from zlh import devcontainer
+
+    record = inventory.Server(name="dev3", playbook="dev-node", provider="test",
+                              ports={"ide": 41000}, resources={**TINY, "disk_gb": 3})
+    spec = devcontainer.complete_spec(ServerSpec(playbook="dev-node"),
+                                      load_playbook("dev-node"), record,
+                                      _Provider(tmp_path, in_container))
+
+    [ide] = spec.processes
+    root = tmp_path / "dev3"
+    assert (ide.name, ide.kind, ide.user, ide.port) == ("ide", "ide", user, 41000)
+    assert ide.env_files == {"PASSWORD": "etc/zlh/ide.password"} and "PASSWORD" not in ide.env
+    assert ide.cwd == str(root / "home/dev/workspace") and ide.argv[-1] == ide.cwd
+    assert ide.argv[ide.argv.index("--bind-addr") + 1] == "127.0.0.1:41000"
+    assert ide.restart.policy == "on-failure" and ide.stop.signal == "SIGTERM"
+    assert spec.disk_limit_bytes == 3 * 2**30

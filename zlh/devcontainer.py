@@ -36,8 +36,10 @@ def container_root(provider: Any, name: str) -> Path:
 
 
 def ide_user(provider: Any) -> str | None:
-    """`dev` in a real container; the local provider's agent runs as the operator."""
-    return None if provider.name == "local" else DEV_USER
+    """`dev` when the provider runs the agent (as root) inside the container, where the
+    dev user exists; otherwise (the local provider, a backing folder on this machine) the
+    agent's own user. A provider says so with `agent_in_container = True`."""
+    return DEV_USER if getattr(provider, "agent_in_container", False) else None
 
 
 def prepare(playbook: Playbook, provider: Any, name: str) -> None:
