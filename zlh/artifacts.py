@@ -67,6 +67,9 @@ TOOL_TIMEOUT = 900
 class _Handler(http.server.SimpleHTTPRequestHandler):
     server_version = "zlh-artifacts"
     sys_version = ""
+    # Keep-alive: a catalog check fetches hundreds of small artifacts over a few
+    # connections instead of one connection each.
+    protocol_version = "HTTP/1.1"
 
     def send_head(self) -> Any:
         root = Path(str(self.directory)).resolve()

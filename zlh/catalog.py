@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import queue
 import re
 import shlex
 import threading
@@ -47,6 +48,7 @@ FORMATS = ("tar.zst", "tar.gz", "tar.xz", "tar", "zip")
 ARCHES = ("x86_64", "aarch64")
 SECTIONS = ("runtimes", "servers")
 HASH_BLOCK = 1 << 20
+READ_BYTES = 256 * 1024
 DOWNLOAD_TIMEOUT = 30.0
 VERIFY_WORKERS = 4
 
@@ -349,24 +351,67 @@ class Checked:
 Progress = Callable[[int], None]
 
 
+def _larger_reads() -> None:
+    """Let httpcore read 256 KiB per call instead of 64 KiB.
+
+    On loopback its per-read overhead, not the network or SHA-256, bounds a download:
+    measured here 480 MiB/s at 64 KiB against 700 MiB/s at 256 KiB. READ_NUM_BYTES is a
+    class attribute of httpcore's HTTP/1.1 connection, not a public setting; if a release
+    drops it, this does nothing and downloads are only slower.
+    """
+    try:
+        from httpcore._sync import http11
+    except ImportError:
+        return
+    current = getattr(http11.HTTP11Connection, "READ_NUM_BYTES", None)
+    if isinstance(current, int) and current < READ_BYTES:
+        http11.HTTP11Connection.READ_NUM_BYTES = READ_BYTES
+
+
+class _Hasher:
+    """sha256 in a thread of its own, so that reading the next block from the socket
+    overlaps hashing this one (hashlib releases the GIL on large blocks)."""
+
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+        self.blocks: queue.Queue[bytes | None] = queue.Queue(maxsize=64)
+        self.thread = threading.Thread(target=self._run, daemon=True, name="sha256")
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (block := self.blocks.get()) is not None:
+            self.digest.update(block)
+
+    def update(self, block: bytes) -> None:
+        self.blocks.put(block)
+
+    def finish(self) -> str:
+        self.blocks.put(None)
+        self.thread.join()
+        return self.digest.hexdigest()
+
+
 def fetch_hash(url: str, expected_size: int, timeout: float = DOWNLOAD_TIMEOUT,
-               advance: Progress | None = None) -> tuple[int, str]:
+               advance: Progress | None = None, client: Any = None) -> tuple[int, str]:
     """Stream `url` and return (bytes, sha256); more bytes than expected stop the read.
 
     Raises IntegrityError for a transport failure or an HTTP error (the bytes cannot be
-    checked), naming the URL.
+    checked), naming the URL. `client`: an httpx.Client to share connections.
     """
     import httpx
 
-    digest, size = hashlib.sha256(), 0
     if url.startswith("file://"):
         return _hash_file(Path(url[len("file://"):]), expected_size, advance)
+    _larger_reads()
+    own = client is None
+    http = httpx.Client(timeout=timeout, follow_redirects=True) if own else client
+    hasher, size = _Hasher(), 0
     try:
-        with httpx.stream("GET", url, timeout=timeout, follow_redirects=True) as answer:
+        with http.stream("GET", url, timeout=timeout) as answer:
             if answer.status_code != 200:
                 raise IntegrityError(f"{url}: HTTP {answer.status_code}")
-            for block in answer.iter_raw(HASH_BLOCK):
-                digest.update(block)
+            for block in answer.iter_raw():
+                hasher.update(block)
                 size += len(block)
                 if advance is not None:
                     advance(len(block))
@@ -376,7 +421,11 @@ def fetch_hash(url: str, expected_size: int, timeout: float = DOWNLOAD_TIMEOUT,
         raise IntegrityError(f"{url}: timed out after {timeout:g} s without data") from None
     except httpx.TransportError as exc:
         raise IntegrityError(f"{url}: {type(exc).__name__}: {exc}") from None
-    return size, digest.hexdigest()
+    finally:
+        sha = hasher.finish()
+        if own:
+            http.close()
+    return size, sha
 
 
 def _hash_file(path: Path, expected_size: int, advance: Progress | None) -> tuple[int, str]:
@@ -396,12 +445,12 @@ def _hash_file(path: Path, expected_size: int, advance: Progress | None) -> tupl
 
 
 def check_one(item: Located, base: str | None, timeout: float = DOWNLOAD_TIMEOUT,
-              advance: Progress | None = None) -> Checked:
+              advance: Progress | None = None, client: Any = None) -> Checked:
     url = resolve_url(item.artifact.url, base)
     started = time.monotonic()
     expected = item.artifact
     try:
-        size, sha = fetch_hash(url, expected.size, timeout, advance)
+        size, sha = fetch_hash(url, expected.size, timeout, advance, client)
     except IntegrityError as exc:
         return Checked(item.label, url, False, 0, "", time.monotonic() - started, exc.message)
     problem = ""
@@ -420,9 +469,19 @@ def verify_artifacts(
     """Download and check every artifact, `workers` at a time; results in input order."""
     for item in items:
         resolve_url(item.artifact.url, base)  # a missing base fails before any download
+    import httpx
+
     total = sum(item.artifact.size for item in items)
-    with _progress_bar(progress, total) as advance, ThreadPoolExecutor(max(1, workers)) as pool:
-        futures = [pool.submit(check_one, item, base, timeout, advance) for item in items]
+    workers = max(1, workers)
+    # One client: its connections are kept and reused across artifacts.
+    limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
+    with (
+        httpx.Client(timeout=timeout, follow_redirects=True, limits=limits) as client,
+        _progress_bar(progress, total) as advance,
+        ThreadPoolExecutor(workers) as pool,
+    ):
+        futures = [pool.submit(check_one, item, base, timeout, advance, client)
+                   for item in items]
         return [future.result() for future in futures]
 
 
