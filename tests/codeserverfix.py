@@ -81,7 +81,7 @@ class Browser:
                 [str(chromium()), *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}",
                  "about:blank"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
+                start_new_session=True, env=self._env(),
             )
         port_file = self.profile / "DevToolsActivePort"
         deadline = time.monotonic() + timeout
@@ -92,6 +92,12 @@ class Browser:
             time.sleep(0.05)  # a poll interval
         self.port = int(port_file.read_text().split()[0])
         return self
+
+    def _env(self) -> dict[str, str]:
+        # Its crash database and caches go to the throwaway profile, not to ~/.config.
+        private = str(self.profile)
+        return {**os.environ, "HOME": private, "XDG_CONFIG_HOME": private,
+                "XDG_CACHE_HOME": private}
 
     def page_ws(self) -> str:
         pages = httpx.get(f"http://127.0.0.1:{self.port}/json/list", timeout=10).json()
