@@ -10,6 +10,7 @@ import zstandard
 
 from tests.components import cache_root
 from zlh import artifacts, catalog
+from zlh.cli import run
 
 
 def _tree(folder: Path, mtime: int) -> Path:
@@ -46,7 +47,7 @@ def test_pack_ignores_times_modes_and_link_counts(tmp_path: Path):
     ]
 
 
-def test_node_rebuild_matches_the_committed_catalog(tmp_path: Path):
+def test_node_rebuild_matches_the_committed_catalog(tmp_path: Path, capsys):
     """Two builds of node from PyPI: the same bytes, and the sha256 catalogs/ has."""
     located = catalog.find("node", arch=catalog.machine_arch())
     version = located.version.version
@@ -56,6 +57,12 @@ def test_node_rebuild_matches_the_committed_catalog(tmp_path: Path):
     assert first.size == second.size == located.artifact.size
     recorded = catalog.find("node", version, [tmp_path / "runtimes.yaml"])
     assert recorded.artifact == located.artifact
+
+    # `fill` finds the artifact in place (the same sha256) and builds nothing.
+    code = run(["artifacts", "fill", str(tmp_path / "one"), "--catalog",
+                str(tmp_path / "runtimes.yaml")])
+    assert code == 0 and capsys.readouterr().out == (
+        f"node@{version} (x86_64): {first.file}\n")
 
 
 def test_flying_squid_rebuild_matches_the_committed_catalog():

@@ -51,6 +51,25 @@ def add(
     render.emit(built, want_json(json_output), _human)
 
 
+@artifacts_app.command("fill")
+def fill(
+    folder: Annotated[Path, typer.Argument(help="Artifact folder.")],
+    paths: Annotated[list[Path] | None, typer.Option(
+        "--catalog", help="Catalog files or folders (default catalogs/).")] = None,
+    json_output: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Build every catalog artifact of this machine's arch that FOLDER lacks (or holds
+    with another sha256) from its registry, then check it against the catalog."""
+    from zlh import artifacts, catalog, render
+    from zlh.cli import want_json
+
+    arch = catalog.machine_arch()
+    items = [i for i in catalog.artifacts(catalog.load_catalogs(paths or [])) if i.arch == arch]
+    done = [{"artifact": i.label, "file": str(artifacts.ensure(i, folder))} for i in items]
+    render.emit(done, want_json(json_output),
+                lambda rows: "\n".join(f"{r['artifact']}: {r['file']}" for r in rows))
+
+
 def _human(built: Any) -> str:
     return (f"{built.name} {built.version}: {built.file} ({built.size} bytes)\n"
             f"sha256 {built.sha256}\nrecorded in {built.catalog}")
