@@ -332,3 +332,23 @@ def test_cli_tampered_artifact_is_exit_7_and_old_runtime_stays(operator, served,
 def test_cli_unknown_runtime_is_not_found(operator):
     code, _, err = operator("runtime", "install", "box", "java@21")
     assert code == 4 and "no runtime or server package named 'java'" in err
+
+
+def test_an_upgrade_shows_in_new_processes_and_shells_without_a_restart(box, served):
+    import subprocess
+
+    install(box, request("tool", "1.0", served.url + "/tool/1.0.tar.zst", GOOD_1))
+    box.put_spec({"name": "job", "argv": ["sh", "-c", "tool; exec sleep 600"]})
+    poll(lambda: box.console_text("job") == ["tool 1.0"], 10, "tool 1.0 in the console")
+
+    install(box, request("tool", "2.0", served.url + "/tool/2.0.tar.zst", GOOD_2))
+    assert box.action("job", "restart").status_code == 200
+    poll(lambda: "tool 2.0" in box.console_text("job"), 10, "tool 2.0 after the restart")
+
+    # A login shell that reads the profile finds the new version first, once.
+    shell = subprocess.run(
+        ["env", "-i", "PATH=/usr/bin:/bin", "sh", "-c",
+         f". {box.profile}; . {box.profile}; tool; echo $PATH"],
+        capture_output=True, text=True, check=True)
+    entry = box.runtimes / "tool/current/bin"
+    assert shell.stdout.splitlines() == ["tool 2.0", f"{entry}:/usr/bin:/bin"]
