@@ -96,6 +96,12 @@ def test_supervised_process_gets_the_runtime_path_first(box, served):
     assert text[2] == f"PATH={current}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
+def _huge(name: str) -> tarfile.TarInfo:
+    info = member(name)
+    info.size = 4 * 2**30
+    return info
+
+
 BAD_ARCHIVES = [
     ("dot-dot", [(member("../x"), b"x")], "path leaves the runtime folder"),
     ("absolute", [(member("/etc/x"), b"x")], "path leaves the runtime folder"),
@@ -107,6 +113,8 @@ BAD_ARCHIVES = [
      "hard link to '../../etc/passwd' leaves the runtime folder"),
     ("device", [(member("null", tarfile.CHRTYPE), None)], "device files and fifos are refused"),
     ("fifo", [(member("pipe", tarfile.FIFOTYPE), None)], "device files and fifos are refused"),
+    # A header that claims 4 GiB: refused before a byte of it is read (there are none).
+    ("bomb", [(_huge("big"), None)], "archive unpacks to more than 1073741824 bytes"),
 ]
 
 
