@@ -424,6 +424,8 @@ class Runtimes:
         return self.activate(name, previous)
 
     def remove(self, name: str, version: str, force: bool = False) -> RuntimeInfo:
+        if name in self._installs:
+            raise Conflict(f"an install of {name} is running; remove after it ends")
         with self._switching:
             return self._remove(name, version, force)
 

@@ -187,10 +187,12 @@ def test_duplicate_request_joins_the_running_install(box):
         threads[1].start()
         poll(lambda: box.events("runtime_install_joined"), 10, "the second request to join")
         other = install(box, request("tool", "2.0", gate.url + "/tool", GOOD_2))
+        removing = box.client.delete("/v1/runtimes/tool/1.0")
         gate.gate.set()
         for thread in threads:
             thread.join(30)
     assert other.status_code == 409 and "install of tool 1.0 is running" in other.text
+    assert removing.status_code == 409 and "an install of tool is running" in removing.text
     assert [a.status_code for a in answers] == [200, 200] and gate.requests == 1
 
 
