@@ -99,6 +99,9 @@ def _register() -> None:
     from zlh.cli import agent
 
     agent.register(app)
+    from zlh.cli import ssh as ssh_commands
+
+    ssh_commands.register(app)
     _wrap_commands(app)
 
 

@@ -1,0 +1,214 @@
+"""SSH through a bastion with real OpenSSH servers on loopback: host key checks, commands
+and their exit codes, a PTY shell, the OpenSSH config snippet, and the agent bootstrap.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pexpect
+import pytest
+import yaml
+from components import free_port, wait_until
+from sshfix import Sshd, keygen
+
+from zlh import opconfig
+from zlh import ssh as zssh
+from zlh.inventory import Inventory, Server
+
+ZLH = [sys.executable, "-c", "from zlh.cli import main; main()"]
+
+
+@dataclass
+class Net:
+    tmp: Path
+    key: Path
+    bastion: Sshd
+    target: Sshd
+    env: dict[str, str]
+
+    @property
+    def config(self) -> opconfig.SshConfig:
+        return opconfig.load(self.tmp / "xdg/zlh/config.yaml").ssh
+
+    def zlh(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*ZLH, *args], env=self.env, capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=timeout, check=False)
+
+    def trust_both(self) -> None:
+        for sshd in (self.bastion, self.target):
+            done = self.zlh("ssh", "trust", f"127.0.0.1:{sshd.port}")
+            assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture
+def net(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Net]:
+    key = keygen(tmp_path / "id_ed25519", "operator")
+    bastion = Sshd(tmp_path / "bastion", key, bastion=True).start()
+    target = Sshd(tmp_path / "target", key)
+    try:
+        target.start()
+        config = {"ssh": {"bastion": f"root@127.0.0.1:{bastion.port}", "identity": str(key),
+                          "known_hosts": str(tmp_path / "known_hosts"), "user": "root",
+                          "port": target.port}}
+        (tmp_path / "xdg/zlh").mkdir(parents=True)
+        (tmp_path / "xdg/zlh/config.yaml").write_text(yaml.safe_dump(config))
+        env = {**os.environ, "ZLH_HOME": str(tmp_path / "home"),
+               "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+        monkeypatch.setenv("ZLH_HOME", env["ZLH_HOME"])
+        monkeypatch.setenv("XDG_CONFIG_HOME", env["XDG_CONFIG_HOME"])
+        with Inventory() as inventory:
+            inventory.add(Server(name="mt1", playbook="minetest", provider="proxmox",
+                                 address="127.0.0.1", step="ready", status="ready"))
+        yield Net(tmp_path, key, bastion, target, env)
+    finally:
+        target.stop()
+        bastion.stop()
+
+
+def fingerprint_of(sshd: Sshd) -> str:
+    out = subprocess.run(["ssh-keygen", "-lf", f"{sshd.host_key}.pub"], capture_output=True,
+                         text=True, check=True).stdout
+    return out.split()[1]
+
+
+def test_an_unknown_host_is_refused_until_trusted(net: Net) -> None:
+    refused = net.zlh("ssh", "mt1", "--", "true")
+    assert refused.returncode == 1
+    assert refused.stderr == (
+        f"zlh: error: the bastion [127.0.0.1]:{net.bastion.port} has an unknown host key; "
+        f"check it and run `zlh ssh trust 127.0.0.1:{net.bastion.port}`\n")
+
+    done = net.zlh("ssh", "trust", f"127.0.0.1:{net.bastion.port}")
+    assert done.stdout == (
+        f"[127.0.0.1]:{net.bastion.port} ssh-ed25519 {fingerprint_of(net.bastion)}\n"
+        f"trusted; recorded in {net.tmp / 'known_hosts'}\n")
+    # The bastion is known now; the target behind it is not yet.
+    assert "the host [127.0.0.1]:" in net.zlh("ssh", "mt1", "--", "true").stderr
+
+
+def test_trust_checks_an_expected_fingerprint(net: Net) -> None:
+    wrong = net.zlh("ssh", "trust", f"127.0.0.1:{net.target.port}", "--expect", "SHA256:x")
+    assert wrong.returncode == 1 and "nothing recorded" in wrong.stderr
+    assert not (net.tmp / "known_hosts").exists()
+
+
+def test_a_command_through_the_bastion_passes_its_exit_code(net: Net) -> None:
+    net.trust_both()
+    done = net.zlh("ssh", "mt1", "--", "sh", "-c", "'echo out; echo err >&2; exit 3'")
+    assert (done.returncode, done.stdout, done.stderr) == (3, "out\n", "err\n")
+
+
+def test_a_bastion_whose_host_key_changed_is_refused(net: Net) -> None:
+    net.trust_both()
+    old = fingerprint_of(net.bastion)
+    net.bastion.stop()
+    net.bastion.new_host_key()
+    net.bastion.start()
+    done = net.zlh("ssh", "mt1", "--", "true")
+    assert done.returncode == 1
+    assert done.stderr.startswith(
+        f"zlh: error: HOST KEY CHANGED for the bastion [127.0.0.1]:{net.bastion.port}: "
+        f"{net.tmp / 'known_hosts'} has {old}, the server offers "
+        f"{fingerprint_of(net.bastion)}; refusing to connect.")
+    again = net.zlh("ssh", "trust", f"127.0.0.1:{net.bastion.port}")
+    assert again.returncode == 5 and "pass --replace" in again.stderr
+
+
+def test_an_interactive_shell_runs_on_a_pty(net: Net) -> None:
+    net.trust_both()
+    child = pexpect.spawn(ZLH[0], [*ZLH[1:], "ssh", "mt1"], env=net.env, timeout=20,
+                          encoding="utf-8")
+    try:
+        child.sendline("tty; echo answer=$((6*7))")
+        child.expect(r"/dev/pts/\d+")
+        child.expect("answer=42")
+        child.sendline("exit 4")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 4
+
+
+def test_ssh_config_works_with_plain_openssh(net: Net) -> None:
+    net.trust_both()
+    done = net.zlh("ssh-config", "mt1")
+    assert done.returncode == 0, done.stderr
+    assert f"Host zlh-mt1\n    HostName 127.0.0.1\n    Port {net.target.port}\n" \
+           "    User root\n    ProxyJump zlh-bastion\n" in done.stdout
+    snippet = net.tmp / "ssh_config"
+    snippet.write_text(done.stdout)
+    ran = subprocess.run(["ssh", "-F", str(snippet), "-o", "BatchMode=yes", "zlh-mt1",
+                          "echo via-jump"], capture_output=True, text=True, timeout=30,
+                         check=False)
+    assert (ran.returncode, ran.stdout) == (0, "via-jump\n"), ran.stderr
+    assert net.zlh("ssh-config", "--all").stdout == done.stdout
+
+
+def test_the_agent_is_bootstrapped_over_ssh_through_the_bastion(net: Net) -> None:
+    net.trust_both()
+    wheel = zssh.build_wheel(net.tmp / "wheels")
+    root = net.tmp / "container-root"
+    port = free_port()
+    token = "t0ken-" + "x" * 30
+    config = yaml.safe_dump({
+        "bind": "127.0.0.1", "port": port, "token_file": f"{root}/etc/zlh/agent.token",
+        "state_dir": f"{root}/var/lib/zlh", "server_root": f"{root}/srv/zlh",
+    })
+    hop = zssh.Hop("root", "127.0.0.1", net.target.port)
+    with zssh.session(hop, net.config) as conn:
+        done = zssh.bootstrap_agent(conn, wheel, config, token, root=str(root),
+                                    python=sys.executable, start="direct")
+    try:
+        assert (root / "etc/zlh/agent.token").stat().st_mode & 0o777 == 0o600
+        assert (root / "etc/zlh/agent.token").read_text() == token
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _healthy(url), 30, "the bootstrapped agent's /healthz")
+        status = httpx.get(f"{url}/v1/status", headers={"Authorization": f"Bearer {token}"})
+        assert status.status_code == 200
+    finally:
+        assert done.pid is not None
+        os.kill(done.pid, 15)
+        wait_until(lambda: not _alive(done.pid), 30, "the agent to exit")
+
+
+def test_run_copies_output_and_status_in_process(net: Net) -> None:
+    net.trust_both()
+    out, err = io.BytesIO(), io.BytesIO()
+    with zssh.session(zssh.Hop("root", "127.0.0.1", net.target.port), net.config) as conn:
+        status = zssh.run(conn, "printf abc; exit 7", out, err)  # type: ignore[arg-type]
+    assert (status, out.getvalue(), err.getvalue()) == (7, b"abc", b"")
+
+
+@pytest.mark.parametrize(
+    ("text", "hop"),
+    [("h", zssh.Hop("root", "h", 22)), ("u@h:2222", zssh.Hop("u", "h", 2222)),
+     ("[::1]:2200", zssh.Hop("root", "::1", 2200))],
+    ids=["host", "user-host-port", "ipv6"],
+)
+def test_parse_hop(text: str, hop: zssh.Hop) -> None:
+    assert zssh.parse_hop(text) == hop
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie until its parent (the sshd session is gone; init) reaps it.
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
