@@ -27,6 +27,7 @@ from typing import Any, Self
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 PAGE = os.sysconf("SC_PAGE_SIZE")
+CLK_TCK = os.sysconf("SC_CLK_TCK")  # the unit of cpu_ticks()
 _source = ROOT
 
 

@@ -14,14 +14,15 @@ measures the same thing:
 
 Each setup runs --runs times (interleaved) and the median is reported. For agentd the
 script also checks that the follower got every line or explicit `lost` records
-(lines + lost == total), and that the agent kept all the lines (GET console paged with
-`after`, and the lines in STATE/console/NAME.log*). Write modes (--modes):
+(lines + lost == total), that the agent kept all the lines (GET console paged with
+`after`, and the lines in STATE/console/NAME.log*), and how fast GET /v1/status answers
+meanwhile (one request every 0.5 s). Write modes (--modes, default `line`):
 
   line     one write(2) per line, like a console logger that flushes every line
   4096     the lines joined in memory and written 4096 bytes at a time (block stdio)
 
     .venv/bin/python benchmarks/console_flood.py [--lines 1000000] [--runs 3]
-        [--modes line,4096] [--profile] [--json]
+        [--modes line,4096] [--profile] [--without-follower] [--json]
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from typing import Any
 import httpx
 from _common import (
     BENCH,
+    CLK_TCK,
     Agent,
     Started,
     add_common_args,
@@ -65,7 +67,6 @@ from _common import (
 TARGET = 1.15
 CHILD = BENCH / "_flood_child.py"
 NAME = "flood"
-TICK = 100  # clock ticks per second (SC_CLK_TCK)
 GAP = re.compile(rb'\{"seq":(\d+),"lost":(\d+)\}')
 SEQ = re.compile(rb'\{"seq":(\d+)')
 
@@ -215,11 +216,50 @@ def verify_console(agent: Agent, name: str) -> dict[str, Any]:
     in_files = 0
     for path in files:
         with open(path, "rb") as handle:
+            rest = b""
             while chunk := handle.read(1 << 22):
-                in_files += chunk.count(b"flood line")
+                block = rest + chunk
+                cut = block.rfind(b"\n") + 1  # count whole lines only
+                in_files += block[:cut].count(b"flood line")
+                rest = block[cut:]
+            in_files += rest.count(b"flood line")
     return {"api_records": records, "api_lost": lost, "api_flood_lines": flood,
             "api_first_seq": first_seq, "api_last_seq": after, "api_pages": pages,
             "file_flood_lines": in_files, "log_files": [p.name for p in files]}
+
+
+class StatusWatch(threading.Thread):
+    """GET /v1/status every `every` seconds during the flood: is the agent answering?"""
+
+    def __init__(self, agent: Agent, every: float = 0.5, timeout: float = 10.0) -> None:
+        super().__init__(daemon=True)
+        self.url, self.token = agent.url, agent.token
+        self.every, self.timeout = every, timeout
+        self.stop = threading.Event()
+        self.latencies: list[float] = []  # answered requests, seconds
+        self.timeouts = 0
+        self.state: str | None = None
+
+    def run(self) -> None:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        with httpx.Client(base_url=self.url, headers=headers, timeout=self.timeout) as client:
+            while not self.stop.is_set():
+                asked = time.monotonic()
+                try:
+                    status = client.get("/v1/status").json()
+                except httpx.HTTPError:
+                    self.timeouts += 1
+                else:
+                    self.latencies.append(time.monotonic() - asked)
+                    self.state = next((p["state"] for p in status["processes"]
+                                       if p["name"] == NAME), None)
+                self.stop.wait(max(0.0, self.every - (time.monotonic() - asked)))
+
+    def summary(self) -> dict[str, Any]:
+        return {"answered": len(self.latencies), "timeouts": self.timeouts,
+                "timeout_seconds": self.timeout,
+                "median_ms": round(1000 * median(self.latencies), 1),
+                "max_ms": round(1000 * max(self.latencies, default=float("nan")), 1)}
 
 
 def run_agent(lines: int, mode: str, args: argparse.Namespace, profile: Path | None = None,
@@ -239,6 +279,7 @@ def run_agent(lines: int, mode: str, args: argparse.Namespace, profile: Path | N
                 follower.start()
                 if not follower.connected.wait(10):
                     raise RuntimeError(f"follower did not connect: {follower.error}")
+            watch = StatusWatch(agent)
             spy = start_profiler(agent.pid, profile) if profile else None
             cpu_before = cpu_ticks(agent.pid)
             t_start = time.monotonic()
@@ -246,29 +287,28 @@ def run_agent(lines: int, mode: str, args: argparse.Namespace, profile: Path | N
             response.raise_for_status()
             if response.json().get("pid"):
                 agent.remember(response.json()["pid"])
+            watch.start()
             poll(lambda: timing.exists() and timing.read_text().endswith("\n"),
                  args.timeout, "the child's timing file", every=0.05)
-            status_seconds: list[float] = []
-
-            def stopped() -> bool:
-                asked = time.monotonic()
-                try:
-                    state = agent.process(NAME)["state"]
-                except httpx.HTTPError:
-                    state = None  # slow to answer while it drains: counted below
-                status_seconds.append(time.monotonic() - asked)
-                return state == "stopped"
-
-            poll(stopped, args.timeout, "the flood process to stop", every=0.05)
-            t_child_gone = time.monotonic()
-            follower.target = last_logged_seq(agent.state, NAME)
-            if follow:
-                follower.finished.wait(max(1.0, deadline - time.monotonic()))
+            t_child_done = time.monotonic()
+            agent.remember_children()
+            finished = True
+            try:
+                poll(lambda: watch.state == "stopped", max(1.0, deadline - time.monotonic()),
+                     "the agent to report the flood process stopped", every=0.05)
+                follower.target = last_logged_seq(agent.state, NAME)
+                if follow:
+                    follower.finished.wait(max(1.0, deadline - time.monotonic()))
+                    finished = follower.t_done is not None
+            except TimeoutError:
+                finished = False
             cpu_after = cpu_ticks(agent.pid)
             t_end = time.monotonic()
+            watch.stop.set()
+            watch.join(watch.timeout + 5)
             if spy is not None:
                 stop_profiler(spy)
-            kept = verify_console(agent, NAME)
+            kept = verify_console(agent, NAME) if finished or not follow else None
             exit_record = next((e for e in agent.events("exit")
                                 if e.get("process") == NAME), {})
         wall = read_timing(timing)
@@ -278,11 +318,12 @@ def run_agent(lines: int, mode: str, args: argparse.Namespace, profile: Path | N
     total = f.target + 1 - (f.first_seq or 0) if f.target is not None else None
     return {
         "wall": wall,
+        "finished_in_time": finished,
         "exit_code": exit_record.get("code"),
-        "agent_cpu_seconds": (cpu_after - cpu_before) / TICK,
+        "agent_cpu_seconds": (cpu_after - cpu_before) / CLK_TCK,
         "start_to_caught_up": t_end - t_start,
-        "child_gone_to_caught_up": (f.t_done or t_end) - t_child_gone,
-        "status_request_max_seconds": max(status_seconds),
+        "child_done_to_caught_up": (f.t_done or t_end) - t_child_done,
+        "status_during_flood": watch.summary(),
         "follower": {
             "error": f.error, "records": f.records, "lines": f.records - f.gaps,
             "gaps": f.gaps, "lost": f.lost, "flood_lines": f.flood_lines,
@@ -382,7 +423,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--modes", default="line,4096",
+    parser.add_argument("--modes", default="line",
                         help="comma-separated write modes: line and/or a write size")
     parser.add_argument("--timeout", type=float, default=120, help="seconds per run at most")
     parser.add_argument("--profile", action="store_true",
@@ -430,10 +471,12 @@ def main() -> int:
             "ratio_script_pipe": round(ratio(walls["script"], walls["pipe"]), 3),
             "follower_lines_per_second": median(follower_rates),
             "agent_cpu_seconds": median([r["agent_cpu_seconds"] for r in agent_runs]),
-            "child_gone_to_follower_caught_up": median(
-                [r["child_gone_to_caught_up"] for r in agent_runs]),
-            "status_request_max_seconds_after_child_done": max(
-                r["status_request_max_seconds"] for r in agent_runs),
+            "child_done_to_follower_caught_up": median(
+                [r["child_done_to_caught_up"] for r in agent_runs]),
+            "status_during_flood_max_ms": max(
+                r["status_during_flood"]["max_ms"] for r in agent_runs),
+            "status_during_flood_timeouts": sum(
+                r["status_during_flood"]["timeouts"] for r in agent_runs),
             "agentd_runs": agent_runs,
         }
         if args.without_follower:
@@ -442,7 +485,8 @@ def main() -> int:
                 "wall_seconds": median([r["wall"] for r in alone]),
                 "wall_runs": [r["wall"] for r in alone],
                 "agent_cpu_seconds": median([r["agent_cpu_seconds"] for r in alone]),
-                "kept_flood_lines": [r["kept"]["file_flood_lines"] for r in alone],
+                "kept_flood_lines": [r["kept"]["file_flood_lines"] if r["kept"] else None
+                                     for r in alone],
             }
         if args.profile:
             with scratch("flood-profile") as tmp:
@@ -464,11 +508,12 @@ def main() -> int:
             (f"  runs: agentd {_fmt(entry['wall_runs']['agentd'])}  script "
              f"{_fmt(entry['wall_runs']['script'])}  pipe {_fmt(entry['wall_runs']['pipe'])}"),
             (f"  follower: {entry['follower_lines_per_second']:,.0f} lines/s (median); caught up "
-             f"{entry['child_gone_to_follower_caught_up']:.2f} s after the child was gone"),
+             f"{entry['child_done_to_follower_caught_up']:.2f} s after the child's last write"),
             (f"  agent CPU during a run: {entry['agent_cpu_seconds']:.2f} s "
-             f"({1e6 * entry['agent_cpu_seconds'] / args.lines:.2f} us per line); slowest "
-             f"status answer after the child was done: "
-             f"{entry['status_request_max_seconds_after_child_done']:.2f} s"),
+             f"({1e6 * entry['agent_cpu_seconds'] / args.lines:.2f} us per line)"),
+            (f"  GET /v1/status every 0.5 s meanwhile: slowest answer "
+             f"{entry['status_during_flood_max_ms'] / 1000:.2f} s, "
+             f"{entry['status_during_flood_timeouts']} requests timed out (10 s)"),
         ]
         if "agentd_without_follower" in entry:
             alone = entry["agentd_without_follower"]
@@ -478,6 +523,11 @@ def main() -> int:
                 f"agent CPU {alone['agent_cpu_seconds']:.2f} s")
         for i, run in enumerate(agent_runs, 1):
             fo, kept = run["follower"], run["kept"]
+            if kept is None:
+                lines.append(f"  run {i}: the follower did not catch up within --timeout "
+                             f"{args.timeout:g} s: lines {fo['lines']:,} + lost {fo['lost']:,} "
+                             f"so far (error: {fo['error']})")
+                continue
             lines.append(
                 f"  run {i}: follower lines {fo['lines']:,} + lost {fo['lost']:,} "
                 f"({fo['gaps']} gap records) = {fo['lines'] + fo['lost']:,} of total "

@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 from _common import (
+    CLK_TCK,
     Agent,
     add_common_args,
     cpu_ticks,
@@ -45,7 +46,6 @@ from _common import (
 
 TARGET_RPS = 2000.0
 TARGET_P99_MS = 50.0
-TICK = 100
 UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 
 
@@ -129,7 +129,7 @@ def load(agent: Agent, path: str, token: str | None, tool: str,
     else:
         figures = asyncio.run(_python_load(url, token, args))
     elapsed = time.monotonic() - started
-    figures["agent_cpu_percent"] = round(100 * (cpu_ticks(agent.pid) - ticks) / TICK / elapsed,
+    figures["agent_cpu_percent"] = round(100 * (cpu_ticks(agent.pid) - ticks) / CLK_TCK / elapsed,
                                          1)
     return figures
 
