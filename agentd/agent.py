@@ -64,7 +64,8 @@ class Agent:
         self.files = ServerFiles(config.server_root, config.max_upload_bytes)
         self.runtimes = Runtimes(
             config.runtimes_dir or config.root / "opt/zlh/runtimes",
-            config.profile_path or config.root / "etc/profile.d/zlh-runtimes.sh", self._pids)
+            config.profile_path or config.root / "etc/profile.d/zlh-runtimes.sh", self._pids,
+            cache=config.runtime_cache)
 
     # -- life cycle ---------------------------------------------------------------------
 

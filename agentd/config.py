@@ -23,6 +23,9 @@ class AgentConfig(BaseModel):
     runtimes_dir: Path | None = Field(None, description="default: ROOT/opt/zlh/runtimes")
     profile_path: Path | None = Field(
         None, description="PATH profile; default: ROOT/etc/profile.d/zlh-runtimes.sh")
+    runtime_cache: Path | None = Field(
+        None, description="verified runtime trees by sha256, hard-linked into new installs "
+        "(containers that share a disk, e.g. the local provider's)")
     console_ring: int = Field(10_000, ge=100, le=1_000_000)
     console_log_max_bytes: int = Field(16 * 2**20, ge=4096)
     console_log_backups: int = Field(3, ge=0, le=100)
@@ -64,6 +67,7 @@ def load_config(path: Path) -> AgentConfig:
             "state_dir": base / config.state_dir,
             "server_root": base / config.server_root,
             "root": base / config.root,
+            "runtime_cache": base / config.runtime_cache if config.runtime_cache else None,
         }
     )
 

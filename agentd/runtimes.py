@@ -263,6 +263,26 @@ def _switch(link: Path, target: str) -> None:
     os.replace(tmp, link)
 
 
+def link_tree(source: Path, dest: Path) -> None:
+    """Copy a tree as hard links (a copy across file systems); symlinks stay symlinks.
+    Runtime trees are read-only by convention, so sharing their inodes is safe."""
+    for folder, dirs, files in os.walk(source):
+        rel = Path(folder).relative_to(source)
+        (dest / rel).mkdir(mode=0o755, parents=True, exist_ok=True)
+        for name in dirs + files:
+            src, dst = Path(folder, name), dest / rel / name
+            if src.is_symlink():
+                os.symlink(os.readlink(src), dst)
+                if name in dirs:
+                    dirs.remove(name)  # os.walk would not descend anyway; keep it explicit
+            elif name in files:
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copy2(src, dst)
+        shutil.copystat(folder, dest / rel)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -275,8 +295,10 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class Runtimes:
-    def __init__(self, root: Path, profile: Path, pids: Callable[[], list[int]]) -> None:
+    def __init__(self, root: Path, profile: Path, pids: Callable[[], list[int]],
+                 cache: Path | None = None) -> None:
         self.root = root
+        self.cache = cache
         self.profile = profile
         self.pids = pids
         self.staging = root / STAGING
@@ -379,10 +401,12 @@ class Runtimes:
         work = Path(tempfile.mkdtemp(prefix=f"{request.name}-{request.version}-",
                                      dir=self.staging))
         try:
-            log.info("runtime_download", extra=fields(name=request.name, url=request.url))
-            download(request.url, work / "download", request.size, request.sha256,
-                     request.timeout)
-            extract(work / "download", request.format, work / "tree")
+            if not self._from_cache(request, work / "tree"):
+                log.info("runtime_download", extra=fields(name=request.name, url=request.url))
+                download(request.url, work / "download", request.size, request.sha256,
+                         request.timeout)
+                extract(work / "download", request.format, work / "tree")
+                self._to_cache(request, work / "tree")
             if request.verify:
                 run_verify(work / "tree", request.verify, request.path)
             record = RuntimeInfo(name=request.name, version=request.version, active=False,
@@ -398,6 +422,31 @@ class Runtimes:
         if request.activate:
             return self.activate(request.name, request.version)
         return self.get(request.name, request.version)
+
+    # -- the shared tree cache ------------------------------------------------------------
+
+    def _from_cache(self, request: RuntimeInstall, tree: Path) -> bool:
+        """Link a tree that an earlier install verified (same sha256) instead of fetching."""
+        if self.cache is None or not (self.cache / request.sha256).is_dir():
+            return False
+        link_tree(self.cache / request.sha256, tree)
+        log.info("runtime_from_cache", extra=fields(name=request.name, sha256=request.sha256))
+        return True
+
+    def _to_cache(self, request: RuntimeInstall, tree: Path) -> None:
+        # Only a tree whose archive passed the size and sha256 checks gets here; it is
+        # entered under its archive's sha256, complete or not at all (rename).
+        if self.cache is None or (self.cache / request.sha256).exists():
+            return
+        self.cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.cache))
+        try:
+            link_tree(tree, tmp / "tree")
+            os.rename(tmp / "tree", self.cache / request.sha256)
+        except OSError as exc:
+            log.warning("runtime_cache_failed", extra=fields(error=str(exc)))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     # -- switch and remove ----------------------------------------------------------------
 

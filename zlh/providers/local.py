@@ -87,6 +87,8 @@ class LocalProvider:
             "state_dir": str(top / "var/lib/zlh"),
             "server_root": str(self.server_root(name)),
             "root": str(top),  # env_files (the IDE password) are read from here
+            # Containers on one machine share verified runtime trees (hard links).
+            "runtime_cache": str(self.root.parent / "cache" / "runtime-trees"),
             "console_ring": CONSOLE_RING,
         }
         (top / "etc/zlh/agentd.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
