@@ -392,12 +392,22 @@ class Console:
 
     def read(self, after: int = -1, limit: int = 1000) -> list[ConsoleLine | ConsoleGap]:
         """Records with seq > after, oldest first; -1: from the oldest line still kept."""
+        return [_model(rec) for rec in self.records(after, limit)]
+
+    def records(self, after: int = -1, limit: int = 1000) -> list[Record]:
+        """`read` as plain tuples: (seq, ts, text) lines and (seq, lost) gaps."""
         if limit <= 0:
             return []
-        return [_model(rec) for rec in self._collect(self._start(after), limit)]
+        return self._collect(self._start(after), limit)
 
     async def follow(self, after: int = -1) -> AsyncGenerator[ConsoleLine | ConsoleGap, None]:
         """Like `read`, then every new record as it comes; never ends by itself."""
+        async for batch in self.follow_batches(after):
+            for rec in batch:
+                yield _model(rec)
+
+    async def follow_batches(self, after: int = -1) -> AsyncGenerator[list[Record], None]:
+        """`follow` in batches of plain tuples, for streaming many lines cheaply."""
         start = self._start(after)
         while True:
             batch = self._collect(start, _FOLLOW_BATCH)
@@ -405,8 +415,10 @@ class Console:
                 await self._changed()
                 continue
             start = _next_seq_after(batch[-1])
-            for rec in batch:
-                yield _model(rec)
+            yield batch
+            # A follower with a backlog must not keep the loop to itself: the console
+            # producer, probes and other requests get their turn between batches.
+            await asyncio.sleep(0)
 
     def tail(self, n: int) -> list[str]:
         """Texts of the last n lines in the ring (for crash records)."""

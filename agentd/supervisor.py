@@ -48,7 +48,11 @@ log = logging.getLogger(__name__)
 
 CRASH_HISTORY = 20
 CRASH_LINES = 20
-READ_BURST = 16  # spool reads per wake-up: a flood is drained in few loop iterations
+# Output is taken in slices of READ_SLICE, READ_BURST per turn of the event loop: a
+# turn adds fewer lines than the console ring holds, so live followers are served from
+# the ring, and probes and API requests get their turns during a flood.
+READ_SLICE = 128 * 1024
+READ_BURST = 2
 
 
 class Supervisor:
@@ -76,6 +80,7 @@ class Supervisor:
         self._kill_reason: str | None = None  # startup-timeout or hung, when we killed it
         self._sent_sigkill = False
         self._holder_lost = False
+        self._pump_queued = False  # a _pump for output already in the spool is scheduled
         self._wanted = False  # the operator wants it up: false after stop or kill
         self._oom_before: int | None = None
         self._memory: MemoryGroup | None = None
@@ -222,14 +227,23 @@ class Supervisor:
         self._pump(child)
 
     def _pump(self, child: Child, burst: int = READ_BURST) -> None:
+        self._pump_queued = False
+        if child.closed:
+            return  # a queued turn for a process that has been reaped since
+        more = False
         for _ in range(burst):
-            data = child.spool.read()
-            if not data:
+            data = child.spool.read(READ_SLICE)
+            if data:
+                self.console.feed(data)
+            more = len(data) == READ_SLICE
+            if not more:
                 break
-            self.console.feed(data)
         # What is in the console is safe; an unterminated line is read again after a
         # restart, so it is not counted as consumed yet.
         child.spool.save(child.spool.offset - self.console.pending_bytes)
+        if more and not self._pump_queued and self._child is child:
+            self._pump_queued = True
+            asyncio.get_running_loop().call_soon(self._pump, child)
 
     # -- exit handling ------------------------------------------------------------------
 
