@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from agentd.models import Model
+from agentd.models import Model, Out
 
 BackupResultKind = Literal["ok", "failed", "partial"]
 
 
-class BackupRecord(BaseModel):
+class BackupRecord(Out):
     """One backup as `STATE/backups/index.json` keeps it.
 
     `result`: ok (consistent), partial (some file changed while it was read; listed in
@@ -40,7 +40,7 @@ class BackupRecord(BaseModel):
     error: str | None = None
 
 
-class BackupList(BaseModel):
+class BackupList(Out):
     running: str | None = Field(None, description="the operation under way, if any")
     backups: list[BackupRecord] = Field(default_factory=list, description="oldest first")
 
@@ -62,14 +62,14 @@ class PruneRequest(KeepPolicy):
     dry_run: bool = False
 
 
-class PruneEntry(BaseModel):
+class PruneEntry(Out):
     id: str
     time: float
     result: BackupResultKind
     reasons: list[str] = Field(default_factory=list)
 
 
-class PruneResult(BaseModel):
+class PruneResult(Out):
     dry_run: bool
     keep: list[PruneEntry] = Field(default_factory=list)
     remove: list[PruneEntry] = Field(default_factory=list)
@@ -79,7 +79,7 @@ class BackupRequest(Model):
     prune: KeepPolicy | None = Field(None, description="prune after an ok backup only")
 
 
-class BackupOutcome(BaseModel):
+class BackupOutcome(Out):
     backup: BackupRecord
     prune: PruneResult | None = None
 
@@ -88,7 +88,7 @@ class RestoreRequest(Model):
     timeout: float | None = Field(None, gt=0, le=3600, description="ready within; seconds")
 
 
-class RestoreResult(BaseModel):
+class RestoreResult(Out):
     id: str
     paths: list[str]
     files: int
@@ -96,7 +96,7 @@ class RestoreResult(BaseModel):
     seconds: float
 
 
-class FileInfo(BaseModel):
+class FileInfo(Out):
     name: str
     path: str = Field(description="relative to the server root")
     type: Literal["file", "dir", "link", "other"]
@@ -106,6 +106,6 @@ class FileInfo(BaseModel):
     sha256: str | None = None
 
 
-class FileListing(BaseModel):
+class FileListing(Out):
     path: str
     entries: list[FileInfo]

@@ -20,8 +20,17 @@ CrashClass = Literal[
 ]
 
 
-class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Out(BaseModel):
+    """A response model. Its validator is built on first use (`defer_build`): models that a
+    request never touches (backups, runtimes) cost the idle agent no memory."""
+
+    model_config = ConfigDict(defer_build=True)
+
+
+class Model(Out):
+    """A request or spec model: unknown keys are an error."""
+
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 def _check_signal(name: str) -> str:
@@ -189,7 +198,7 @@ class ServerSpec(Model):
 # -- status ----------------------------------------------------------------------------
 
 
-class CrashRecord(BaseModel):
+class CrashRecord(Out):
     time: float
     crash_class: CrashClass = Field(alias="class", serialization_alias="class")
     exit_code: int | None = None
@@ -199,10 +208,10 @@ class CrashRecord(BaseModel):
     detail: str = ""
     last_lines: list[str] = Field(default_factory=list)
 
-    model_config = ConfigDict(populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True, defer_build=True)
 
 
-class ProcessStatus(BaseModel):
+class ProcessStatus(Out):
     name: str
     kind: str
     state: ProcessState
@@ -233,7 +242,7 @@ class Provisioning(Model):
     error: str | None = None
 
 
-class Resources(BaseModel):
+class Resources(Out):
     cpu_percent: float
     memory_rss_bytes: int
     memory_total_bytes: int
@@ -241,7 +250,7 @@ class Resources(BaseModel):
     sampled_at: float
 
 
-class Disk(BaseModel):
+class Disk(Out):
     path: str
     total_bytes: int
     used_bytes: int
@@ -251,7 +260,7 @@ class Disk(BaseModel):
     warning: str | None = Field(None, description="set from 90% of the limit on")
 
 
-class AgentInfo(BaseModel):
+class AgentInfo(Out):
     version: str
     pid: int
     uptime: float
@@ -283,7 +292,7 @@ class RuntimeInstall(Model):
         return value
 
 
-class RuntimeInfo(BaseModel):
+class RuntimeInfo(Out):
     name: str
     version: str
     active: bool
@@ -294,11 +303,11 @@ class RuntimeInfo(BaseModel):
     installed_at: float
 
 
-class RuntimeList(BaseModel):
+class RuntimeList(Out):
     runtimes: list[RuntimeInfo]
 
 
-class Status(BaseModel):
+class Status(Out):
     agent: AgentInfo
     provisioning: Provisioning
     processes: list[ProcessStatus]
@@ -321,29 +330,29 @@ class ConsoleInput(Model):
         return value
 
 
-class ConsoleLine(BaseModel):
+class ConsoleLine(Out):
     seq: int
     ts: float
     text: str
 
 
-class ConsoleGap(BaseModel):
+class ConsoleGap(Out):
     seq: int = Field(description="first missing sequence number")
     lost: int = Field(description="how many lines are gone")
 
 
-class ActionResult(BaseModel):
+class ActionResult(Out):
     name: str
     action: str
     state: ProcessState
     pid: int | None
 
 
-class ErrorDetail(BaseModel):
+class ErrorDetail(Out):
     code: str
     message: str
     path: str | None = None
 
 
-class ErrorBody(BaseModel):
+class ErrorBody(Out):
     error: ErrorDetail
