@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from agentd.agent import Agent
 from agentd.api_backups import routes as backup_routes
 from agentd.api_runtimes import routes as runtime_routes
-from agentd.errors import AgentError, Invalid, TooLarge
+from agentd.errors import AgentError, Invalid, NotFound, TooLarge, TooMany
 from agentd.logs import fields
 from agentd.models import ConsoleInput, ErrorBody, ErrorDetail, Provisioning, ServerSpec
 
@@ -111,7 +111,7 @@ def create_app(agent: Agent, token: str) -> ASGIApp:
         name, verb = request.path_params["name"], request.path_params["action"]
         sup = agent.supervisor(name)
         if verb not in ACTIONS:
-            raise AgentError(f"unknown action {verb!r}")
+            raise NotFound(f"unknown action {verb!r}; one of {', '.join(ACTIONS)}")
         agent.backups.check_power(verb)
         await getattr(sup, verb)()
         result = {"name": name, "action": verb, "state": sup.state, "pid": sup.pid}
@@ -125,10 +125,23 @@ def create_app(agent: Agent, token: str) -> ASGIApp:
         after = _int_param(request, "after", -1)
         limit_lines = _int_param(request, "limit", 1000)
         if request.query_params.get("follow", "false").lower() in ("1", "true", "yes"):
-            return StreamingResponse(_ndjson(console.follow_batches(after)),
+            if followers.get(console.name, 0) >= agent.config.max_followers:
+                raise TooMany(f"{agent.config.max_followers} followers already read this "
+                              "console; try again later")
+            return StreamingResponse(_counted(console.name, console.follow_batches(after)),
                                      media_type=NDJSON)
         records = console.records(after, max(1, min(limit_lines, 100_000)))
         return Response(encode_records(records), media_type=NDJSON)
+
+    followers: dict[str, int] = {}
+
+    async def _counted(name: str, batches: AsyncIterator[list[Any]]) -> AsyncIterator[bytes]:
+        followers[name] = followers.get(name, 0) + 1
+        try:
+            async for chunk in _ndjson(batches):
+                yield chunk
+        finally:
+            followers[name] -= 1
 
     async def console_write(request: Request) -> Response:
         sup = agent.supervisor(request.path_params["name"])

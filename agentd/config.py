@@ -20,6 +20,8 @@ class AgentConfig(BaseModel):
     state_dir: Path = Path("/var/lib/zlh")
     server_root: Path = Path("/srv/zlh")
     root: Path = Field(Path("/"), description="the container's root; env_files are in it")
+    in_container: bool = Field(
+        False, description="runs as root inside its container: creates the dev user")
     runtimes_dir: Path | None = Field(None, description="default: ROOT/opt/zlh/runtimes")
     profile_path: Path | None = Field(
         None, description="PATH profile; default: ROOT/etc/profile.d/zlh-runtimes.sh")
@@ -30,6 +32,7 @@ class AgentConfig(BaseModel):
     console_log_max_bytes: int = Field(16 * 2**20, ge=4096)
     console_log_backups: int = Field(3, ge=0, le=100)
     max_body_bytes: int = Field(2**20, ge=1024)
+    max_followers: int = Field(64, ge=1, le=10_000, description="console followers per process")
     max_upload_bytes: int = Field(256 * 2**20, ge=1024, description="PUT /v1/files")
     sample_interval: float = Field(2.0, gt=0, description="seconds between resource samples")
     disk_check_interval: float = Field(30.0, gt=0, description="seconds between disk walks")

@@ -6,6 +6,7 @@
     +-- NotFound              404 not-found
     +-- Conflict              409 conflict
     +-- TooLarge              413 too-large
+    +-- TooMany               429 too-many
     +-- Invalid               422 invalid
     +-- Corrupt               422 corrupt        a backup archive fails its checks
     +-- OperationFailed       500 failed         a backup or restore ran and failed
@@ -41,6 +42,11 @@ class NotFound(AgentError):
 class Conflict(AgentError):
     status = 409
     code = "conflict"
+
+
+class TooMany(AgentError):
+    status = 429
+    code = "too-many"
 
 
 class TooLarge(AgentError):

@@ -51,6 +51,7 @@ def _configure_pty(slave_fd):
     attrs = termios.tcgetattr(slave_fd)
     attrs[1] &= ~termios.OPOST  # keep "\n" as it is: no "\r\n" on output
     attrs[3] &= ~(termios.ECHO | termios.ECHONL)  # input lines are not echoed back
+    attrs[3] &= ~termios.ISIG  # input never turns into SIGINT, SIGQUIT or SIGTSTP
     termios.tcsetattr(slave_fd, termios.TCSANOW, attrs)
     fcntl.ioctl(slave_fd, termios.TIOCSWINSZ, WINDOW)
 

@@ -265,6 +265,8 @@ class AgentInfo(Out):
     pid: int
     uptime: float
     user: str
+    in_container: bool = Field(
+        False, description="false: the agent runs as the invoking user on this machine")
     rss_bytes: int
 
 
@@ -327,6 +329,11 @@ class ConsoleInput(Model):
     def _single_line(cls, value: str) -> str:
         if "\n" in value or "\r" in value:
             raise ValueError("must be a single line")
+        # Ctrl-C, Ctrl-\\ or Ctrl-D would reach the server as a signal or an end of input.
+        bad = sorted({f"0x{ord(c):02x}" for c in value if ord(c) < 32 and c != "\t"}
+                     | {f"0x{ord(c):02x}" for c in value if ord(c) == 127})
+        if bad:
+            raise ValueError(f"control characters are not allowed ({', '.join(bad)})")
         return value
 
 

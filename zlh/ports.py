@@ -17,6 +17,9 @@ _KIND = {"tcp": socket.SOCK_STREAM, "udp": socket.SOCK_DGRAM}
 
 def port_free(port: int, protocol: str = "tcp") -> bool:
     with socket.socket(socket.AF_INET, _KIND[protocol]) as sock:
+        if protocol == "tcp":
+            # As the servers bind: a port in TIME-WAIT after a crash is free for them.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((LOOPBACK, port))
         except OSError:

@@ -191,11 +191,17 @@ class _Run:
             "spec-applied": self._apply_spec,
             "ready": self._wait_ready,
         }
+        agent_step = STEPS.index("agent-started")
         for index, step in enumerate(STEPS):
             if index < done:
                 self.on_step(step, "skip")
                 continue
-            self._run_step(step, actions[step])
+            action = actions[step]
+            if index > agent_step and index == done:
+                # Resuming past the agent's start: the agent may have died since (a
+                # running agent is left as it is).
+                action = self._after_agent_start(action)
+            self._run_step(step, action)
         return self._result(resumed)
 
     def _load_existing(self) -> bool:
@@ -333,6 +339,12 @@ class _Run:
         assert self.record is not None
         root = self.provider.server_root(self.record.name)
         return playbooks.render(self.playbook, self.record.values, self.record.ports, root)
+
+    def _after_agent_start(self, action: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            self._start_agent()
+            action()
+        return run
 
     def _start_agent(self) -> None:
         self.provider.start_agent(self.request.name, timeout=AGENT_START_TIMEOUT)

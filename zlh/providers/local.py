@@ -203,6 +203,10 @@ class LocalProvider:
     def delete(self, name: str) -> None:
         if self.agent_running(name):
             raise ConflictError(f"the agent of {name} still runs; stop it first")
+        # An agent that died or hung could not stop its processes: their holders still
+        # keep them. Nothing of the container may outlive its folder.
+        for pid in kill_held(self.folder(name) / "var/lib/zlh/holders"):
+            log.warning("killed process %d left running in %s", pid, name)
         if self.folder(name).exists():
             shutil.rmtree(self.folder(name))
 
@@ -226,6 +230,32 @@ def _alive(process: AgentProcess) -> bool:
         return bool(target.status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
+
+
+def kill_held(holders: Path) -> list[int]:
+    """SIGKILL every process a holder recorded in `holders` (identity checked) and every
+    process carrying one of their markers; returns the pids killed."""
+    import psutil
+
+    markers, killed = set(), []
+    for record_file in holders.glob("*.json"):
+        try:
+            record = json.loads(record_file.read_text())
+            markers.add(str(record["marker"]))
+            recorded = [tuple(record["pid"]), tuple(record["holder"])]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        killed += [pid for pid, started in recorded if kill_process(int(pid), float(started))]
+    if not markers:
+        return killed
+    for proc in psutil.process_iter():
+        try:
+            environ = proc.environ()
+        except psutil.Error:
+            continue
+        if environ.get("ZLH_PROCESS_ID") in markers and kill_process(proc.pid, None):
+            killed.append(proc.pid)
+    return killed
 
 
 def kill_process(pid: int, started_at: float | None) -> bool:
