@@ -21,20 +21,38 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from agentd import __version__
+from agentd import __version__, devuser
 from agentd.backups import BackupManager
 from agentd.config import AgentConfig
 from agentd.console import Console
-from agentd.errors import NotFound
+from agentd.errors import NotFound, OperationFailed
 from agentd.files import ServerFiles
 from agentd.logs import fields
 from agentd.models import AgentInfo, Provisioning, ServerSpec, Status
-from agentd.runtimes import Runtimes
+from agentd.runtimes import ENV_FILE, Runtimes
 from agentd.sampler import Sampler
 from agentd.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
+
+
+def _env_file(config: AgentConfig) -> Path | None:
+    """The shells' env file, for an agent that manages a container: the real one (root
+    `/`, `in_container`) or a folder laid out as one; an agent given the machine's own
+    root writes nothing outside its profile."""
+    if config.in_container or config.root != Path("/"):
+        return config.root / ENV_FILE
+    return None
+
+
+def _ensure_users(spec: ServerSpec) -> None:
+    """Inside a container, the users the processes run as (the dev user) exist."""
+    for user in sorted({p.user for p in spec.processes if p.user}):
+        try:
+            devuser.ensure(user)
+        except devuser.DevUserError as exc:
+            raise OperationFailed(str(exc)) from None
 
 
 def write_json_atomic(path: Path, data: object) -> None:
@@ -65,7 +83,7 @@ class Agent:
         self.runtimes = Runtimes(
             config.runtimes_dir or config.root / "opt/zlh/runtimes",
             config.profile_path or config.root / "etc/profile.d/zlh-runtimes.sh", self._pids,
-            cache=config.runtime_cache)
+            cache=config.runtime_cache, env_file=_env_file(config))
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -99,6 +117,8 @@ class Agent:
     async def apply_spec(self, spec: ServerSpec, persist: bool = True) -> ServerSpec:
         """Converge: remove what is gone, replace what changed, add what is new."""
         async with self._apply_lock:
+            if self.config.in_container:
+                await asyncio.to_thread(_ensure_users, spec)
             wanted = {p.name: p for p in spec.processes}
             created: list[Supervisor] = []
             for name in [n for n in self.supervisors if n not in wanted]:
@@ -167,7 +187,8 @@ class Agent:
         ]
         agent = AgentInfo(
             version=__version__, pid=os.getpid(), uptime=round(time.time() - self.started_at, 3),
-            user=getpass.getuser(), rss_bytes=sample.agent_rss if sample else 0,
+            user=getpass.getuser(), in_container=self.config.in_container,
+            rss_bytes=sample.agent_rss if sample else 0,
         )
         return Status(
             agent=agent, provisioning=self.provisioning, processes=processes,

@@ -283,6 +283,9 @@ def link_tree(source: Path, dest: Path) -> None:
         shutil.copystat(folder, dest / rel)
 
 
+ENV_FILE = "etc/zlh/env"  # relative to the container root
+
+
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -296,10 +299,12 @@ def _write_atomic(path: Path, text: str) -> None:
 
 class Runtimes:
     def __init__(self, root: Path, profile: Path, pids: Callable[[], list[int]],
-                 cache: Path | None = None) -> None:
+                 cache: Path | None = None, env_file: Path | None = None) -> None:
         self.root = root
         self.cache = cache
         self.profile = profile
+        # The same script for shells that read no profile (BASH_ENV, ENV, bash.bashrc).
+        self.env_file = env_file
         self.pids = pids
         self.staging = root / STAGING
         self._installs: dict[str, tuple[RuntimeInstall, asyncio.Future[RuntimeInfo]]] = {}
@@ -310,7 +315,9 @@ class Runtimes:
     def open(self) -> None:
         """Remove what an interrupted install left, and take up the active runtimes' PATH.
 
-        Nothing is created here: an agent that never installs a runtime leaves no trace.
+        With an env file (a container's agent), the profile and the env file are written
+        now, so shells get the canonical PATH before any install; without one, nothing
+        is created here.
         """
         if self.staging.is_dir():
             for leftover in self.staging.iterdir():
@@ -319,7 +326,10 @@ class Runtimes:
                     shutil.rmtree(leftover, ignore_errors=True)
                 else:
                     leftover.unlink(missing_ok=True)
-        spawn.set_runtime_path(self.path_entries())
+        if self.env_file is not None:
+            self._publish_path()
+        else:
+            spawn.set_runtime_path(self.path_entries())
 
     # -- queries ------------------------------------------------------------------------
 
@@ -516,7 +526,17 @@ class Runtimes:
     def _publish_path(self) -> None:
         entries = self.path_entries()
         spawn.set_runtime_path(entries)
-        _write_atomic(self.profile, profile_text(entries))
+        text = profile_text(entries)
+        for path in (self.profile, self.env_file):
+            if path is not None and _read(path) != text:
+                _write_atomic(path, text)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def _uses(process: Any, home: Path) -> bool:
@@ -556,10 +576,9 @@ def _version_ok(version: str) -> bool:
 
 
 def profile_text(entries: list[str]) -> str:
-    """The /etc/profile.d script: runtime folders first, each once, then the PATH as it was."""
-    lines = ["# Written by agentd: the PATH folders of the active runtimes. Do not edit.\n"]
-    for entry in reversed(entries):
-        lines.append(f'case ":$PATH:" in *":{entry}:"*) ;; *) PATH="{entry}:$PATH" ;; esac\n')
-    lines.append("export PATH\n")
-    return "".join(lines)
-
+    """The shell script that sets the canonical PATH (spawn.canonical_path), the same for
+    login shells (/etc/profile.d), non-login shells (BASH_ENV, ENV) and the console."""
+    return ("# Written by agentd: the PATH folders of the active runtimes, then the system's."
+            " Do not edit.\n"
+            f'PATH="{spawn.canonical_path(entries)}"\n'
+            "export PATH\n")

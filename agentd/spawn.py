@@ -72,11 +72,18 @@ def set_runtime_path(entries: list[str]) -> None:
     _runtime_path = tuple(entries)
 
 
+def canonical_path(runtime: tuple[str, ...] | list[str] | None = None) -> str:
+    """The one PATH of supervised processes and of the dev user's shells: the active
+    runtimes' folders first, then the system's, each once; nothing from the agent's own."""
+    entries = _runtime_path if runtime is None else runtime
+    return ":".join(dict.fromkeys([*entries, *SYSTEM_PATH.split(":")]))
+
+
 def build_env(extra: dict[str, str], user: pwd.struct_passwd | None) -> dict[str, str]:
     """A clean environment: nothing from the agent's own leaks into the child. The
     identity variables describe the user it runs as (the agent's own when none is set)."""
     who = user or pwd.getpwuid(os.geteuid())
-    env = {"PATH": ":".join((*_runtime_path, SYSTEM_PATH)), "LANG": "C.UTF-8",
+    env = {"PATH": canonical_path(), "LANG": "C.UTF-8",
            "TERM": "xterm-256color",
            "HOME": who.pw_dir, "USER": who.pw_name, "LOGNAME": who.pw_name,
            "SHELL": who.pw_shell or "/bin/sh"}

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from agentd.spawn import SYSTEM_PATH
 from tests.agentfix import AgentProcess, poll
 from tests.artifactfix import FaultyServer, member, script_runtime, sha256, tar_zst, write
 from tests.components import cache_root
@@ -78,9 +79,7 @@ def test_install_upgrade_rollback_and_profile(box, served):
     assert run_tool(box) == "tool 1.0\n"
     entry = box.runtimes / "tool/current/bin"
     assert box.profile.read_text().splitlines()[1:] == [
-        f'case ":$PATH:" in *":{entry}:"*) ;; *) PATH="{entry}:$PATH" ;; esac',
-        "export PATH",
-    ]
+        f'PATH="{entry}:{SYSTEM_PATH}"', "export PATH"]
     assert list((box.runtimes / ".staging").iterdir()) == []
 
 
@@ -360,4 +359,4 @@ def test_an_upgrade_shows_in_new_processes_and_shells_without_a_restart(box, ser
          f". {box.profile}; . {box.profile}; tool; echo $PATH"],
         capture_output=True, text=True, check=True)
     entry = box.runtimes / "tool/current/bin"
-    assert shell.stdout.splitlines() == ["tool 2.0", f"{entry}:/usr/bin:/bin"]
+    assert shell.stdout.splitlines() == ["tool 2.0", f"{entry}:{SYSTEM_PATH}"]
