@@ -548,8 +548,10 @@ def _model(rec: Record) -> ConsoleLine | ConsoleGap:
 
 
 def _open_log(path: Path) -> io.FileIO:
-    """NAME.log, unbuffered so that a write error shows in the write() that caused it."""
-    return open(path, "a+b", buffering=0)
+    """NAME.log, unbuffered so that a write error shows in the write() that caused it;
+    private (0600): a console may show what players and operators typed."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+    return open(fd, "a+b", buffering=0)
 
 
 def _write_all(file: io.FileIO, data: bytes) -> None:

@@ -114,3 +114,28 @@ def test_provision_resumes_after_the_agent_died(zlh: Operator):  # noqa: F811
     resumed = zlh.provision("minetest", "mt-resume")
     assert resumed.code == 0, resumed.err
     assert _game_status(zlh, "mt-resume")["ready"] is True
+
+
+def test_console_log_is_private(agent):
+    mode = (agent.state / "console" / "game.log").stat().st_mode & 0o777
+    assert mode == 0o600
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [("\x1b[32mgreen\x1b[0m", "\x1b[32mgreen\x1b[0m"), ("\x1b]0;title\x07x", "x"),
+     ("\x1b[2Jwiped", "wiped"), ("bell\x07", "bell"), ("a\rb\tc", "a\rb\tc")],
+    ids=["colour-kept", "title-dropped", "clear-dropped", "bell-dropped", "cr-tab-kept"])
+def test_attached_console_shows_colours_but_no_other_escapes(text, shown):
+    from zlh.console import safe_for_terminal
+
+    assert safe_for_terminal(text) == shown
+
+
+def test_agent_log_rotates_at_start(tmp_path):
+    from zlh.providers.local import AGENT_LOG_MAX, rotate_log
+
+    log = tmp_path / "agentd.log"
+    log.write_bytes(b"x" * (AGENT_LOG_MAX + 1))
+    rotate_log(log)
+    assert not log.exists() and (tmp_path / "agentd.log.1").stat().st_size > AGENT_LOG_MAX

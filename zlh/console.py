@@ -31,8 +31,20 @@ class Sent:
     seq: int
 
 
+_NOT_SGR = re.compile(
+    r"\x1b(?!\[[0-9;]*m)(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|.?)"
+    r"|[\x00-\x08\x0b\x0c\x0e-\x1a\x1c-\x1f\x7f]"
+)
+
+
 def strip_ansi(text: str) -> str:
     return ANSI.sub("", text)
+
+
+def safe_for_terminal(text: str) -> str:
+    """Keep colours (SGR), drop every other escape and control character: a game's output
+    must not retitle, move or reprogram the operator's terminal."""
+    return _NOT_SGR.sub("", text)
 
 
 def game_process(client: AgentClient, name: str) -> str:

@@ -229,6 +229,8 @@ def backends() -> list[Backend]:
     """Game processes whose readiness probe passed: what a proxy may route players to."""
     found = []
     for status in fleet_status():
+        if status.status != "ready":
+            continue  # still provisioning: not for players yet, even when it answers
         games = [p for p in status.processes if p.kind == "game" and p.ready and p.port]
         for process in games:
             label = status.name if len(games) == 1 else f"{status.name}/{process.name}"

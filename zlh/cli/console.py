@@ -52,13 +52,13 @@ def _print_records(records: Iterable[Any], as_json: bool) -> None:
 def format_record(record: Any, as_json: bool, strip: bool) -> str:
     import json
 
-    from zlh.console import strip_ansi
+    from zlh.console import safe_for_terminal, strip_ansi
 
     if as_json:
         return json.dumps(record.model_dump(mode="json"))
     if hasattr(record, "lost"):
         return f"--- {record.lost} lines lost ---"
-    return strip_ansi(record.text) if strip else record.text
+    return strip_ansi(record.text) if strip else safe_for_terminal(record.text)
 
 
 def _attach(name: str) -> None:

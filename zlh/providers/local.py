@@ -133,6 +133,7 @@ class LocalProvider:
         port = int(str(self._config(name)["port"]))
         require_free(port, "tcp", f"agent of {name}")
         log_file = top / "var/log/agentd.log"
+        rotate_log(log_file)
         with open(log_file, "ab") as out:
             child = subprocess.Popen(
                 [sys.executable, "-m", "agentd", "--config", str(top / "etc/zlh/agentd.yaml")],
@@ -230,6 +231,24 @@ def _alive(process: AgentProcess) -> bool:
         return bool(target.status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
+
+
+AGENT_LOG_MAX = 16 * 2**20
+AGENT_LOG_KEEP = 3
+
+
+def rotate_log(path: Path) -> None:
+    """Rotate the agent's log at its start once it is over AGENT_LOG_MAX (3 kept)."""
+    try:
+        if path.stat().st_size <= AGENT_LOG_MAX:
+            return
+    except FileNotFoundError:
+        return
+    for index in range(AGENT_LOG_KEEP - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{index}")
+        if older.exists():
+            older.replace(path.with_name(f"{path.name}.{index + 1}"))
+    path.replace(path.with_name(f"{path.name}.1"))
 
 
 def kill_held(holders: Path) -> list[int]:
