@@ -74,11 +74,14 @@ def _create(name: str) -> None:
 
 
 def hook_bashrc(path: Path = BASHRC) -> None:
-    """Append the env file's line to bash.bashrc once (where bash is installed)."""
+    """Put the env file's line first in bash.bashrc, once (where bash is installed):
+    first, because Debian's returns early for non-interactive shells."""
     try:
         text = path.read_text()
     except FileNotFoundError:
         return
     if HOOK not in text:
-        with open(path, "a") as handle:
-            handle.write(("" if text.endswith("\n") or not text else "\n") + HOOK)
+        tmp = path.with_name(f".{path.name}.zlh")
+        tmp.write_text(HOOK + text)
+        shutil.copymode(path, tmp)
+        os.replace(tmp, path)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from agentd import devuser
 from agentd.spawn import SYSTEM_PATH
 from tests.agentfix import AgentProcess, poll
 
@@ -74,7 +75,8 @@ mount --bind "$1/home" /home
 {python} -c 'from agentd import devuser; print(devuser.ensure("dev"))'
 getent passwd dev
 stat -c '%U %G %n' /home/dev /home/dev/workspace
-test -f /etc/bash.bashrc && grep -c zlh/env /etc/bash.bashrc
+grep -c zlh/env /etc/bash.bashrc
+head -n1 /etc/bash.bashrc
 """
 
 
@@ -119,7 +121,7 @@ def test_dev_user_is_created_in_a_namespace_not_on_this_machine(tmp_path: Path) 
     fields = lines[2].split(":")
     assert fields[0] == "dev" and fields[5] == "/home/dev" and fields[6] == "/bin/bash"
     assert lines[3:5] == ["dev dev /home/dev", "dev dev /home/dev/workspace"]
-    assert lines[5] == "1"  # the env file's line, once
+    assert lines[5:] == ["1", devuser.HOOK.strip()]  # the env file's line, once, first
 
     # The namespace's copy has dev; this machine's own files are as they were.
     assert "\ndev:" in "\n" + (tmp_path / "etc/passwd").read_text()

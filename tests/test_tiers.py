@@ -190,7 +190,7 @@ def test_provision_stores_tier_and_owner_and_gives_the_agent_the_disk_limit(
     assert (row.owner, row.tier, row.resources) == (
         "ann", "medium", {"cores": 2, "memory_mb": 2048, "swap_mb": 1024, "disk_gb": 20})
     assert spec["disk_limit_bytes"] == 20 * 2**30
-    assert [p["kind"] for p in spec["processes"]] == ["ide"]
+    assert [p["kind"] for p in spec["processes"]] == ["ide", "service"]
 
 
 # -- the inventory's migration -----------------------------------------------------------
@@ -318,13 +318,16 @@ def test_the_ide_process_spec(tmp_path: Path, in_container: bool | None,
     from zlh import devcontainer
 
     record = inventory.Server(name="dev3", playbook="dev-node", provider="test",
-                              ports={"ide": 41000}, resources={**TINY, "disk_gb": 3})
+                              ports={"ide": 41000, "ssh": 41001},
+                              resources={**TINY, "disk_gb": 3})
     spec = devcontainer.complete_spec(ServerSpec(playbook="dev-node"),
                                       load_playbook("dev-node"), record,
                                       _Provider(tmp_path, in_container))
 
-    [ide] = spec.processes
+    ide, ssh = spec.processes
     root = tmp_path / "dev3"
+    assert (ssh.name, ssh.kind, ssh.user, ssh.argv[-1]) == (
+        "ssh", "service", None, str(root / "etc/ssh/sshd_config"))
     assert (ide.name, ide.kind, ide.user, ide.port) == ("ide", "ide", user, 41000)
     assert ide.env_files == {"PASSWORD": "etc/zlh/ide.password"} and "PASSWORD" not in ide.env
     assert ide.cwd == str(root / "home/dev/workspace") and ide.argv[-1] == ide.cwd

@@ -2,7 +2,9 @@
 
 - every server: the tier's disk as the agent's `disk_limit_bytes`;
 - a playbook with `dev.code_server`: the IDE password (created at container-created),
-  code-server linked into the container (artifacts-installed) and the `ide` process.
+  code-server linked into the container (artifacts-installed) and the `ide` process;
+- a playbook with `dev.ssh`: the host key, authorized keys and sshd_config (created at
+  container-created, the key recorded in zlh's known_hosts) and the `ssh` process.
 
 The container's root on this machine is the provider's folder for the local provider;
 others lay the container out the same way (`/srv/zlh` is the server root), so it is the
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agentd.models import ServerSpec
-from zlh import codeserver
+from zlh import codeserver, devssh
 from zlh.inventory import Server
 from zlh.playbooks import Playbook
 
@@ -50,6 +52,16 @@ def prepare(playbook: Playbook, provider: Any, name: str) -> None:
         codeserver.prepare_folders(root)
 
 
+def prepare_ssh(playbook: Playbook, provider: Any, record: Server, address: str) -> None:
+    """At container-created: the container's sshd, for a playbook with `dev.ssh`."""
+    if devssh.wants_ssh(playbook):
+        from zlh import opconfig
+
+        devssh.require_sshd()
+        devssh.prepare(container_root(provider, record.name), int(record.ports[devssh.PORT]),
+                       opconfig.load().ssh, address)
+
+
 def install(playbook: Playbook, provider: Any, name: str, cache: Path) -> None:
     """At artifacts-installed: code-server linked in from the npm cache."""
     if wants_ide(playbook):
@@ -64,6 +76,9 @@ def complete_spec(spec: ServerSpec, playbook: Playbook, record: Server,
         layout = codeserver.IdeLayout(container_root(provider, record.name),
                                       int(record.ports["ide"]), ide_user(provider))
         processes.append(codeserver.process_spec(layout))
+    if devssh.wants_ssh(playbook):
+        processes.append(devssh.process_spec(container_root(provider, record.name),
+                                             int(record.ports[devssh.PORT])))
     disk_gb = record.resources.get("disk_gb")
     limit = int(disk_gb) * GIB if disk_gb else None
     return spec.model_copy(update={"processes": processes, "disk_limit_bytes": limit})

@@ -82,11 +82,12 @@ class SshConfig(Model):
     bastion: str | None = None
     identity: Path | None = None
     known_hosts: Path | None = None
+    authorized_keys: Path | None = None  # public keys for dev containers' sshd
     user: str = "root"
     port: int = Field(default=22, ge=1, le=65535)
     connect_timeout: float = Field(default=10.0, gt=0)
 
-    @field_validator("identity", "known_hosts")
+    @field_validator("identity", "known_hosts", "authorized_keys")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser()

@@ -420,6 +420,12 @@ class Playbook(Model):
             if "ide" in self.processes or port is None or port.protocol != "tcp":
                 yield Problem(("dev", "code_server"), "needs a tcp port named ide and no "
                                                      "process named ide")
+        if self.dev is not None and self.dev.ssh:
+            # zlh adds sshd as the process `ssh` on the port `ssh` (zlh/devssh.py).
+            port = self.ports.get("ssh")
+            if "ssh" in self.processes or port is None or port.protocol != "tcp":
+                yield Problem(("dev", "ssh"), "needs a tcp port named ssh and no process "
+                                              "named ssh")
         for name, process in self.processes.items():
             loc: Loc = ("processes", name)
             if process.port is not None and process.port not in self.ports:

@@ -62,7 +62,7 @@ LAUNCHERS = {"flying-squid": "squid-launcher.js"}
 DATA = Path(__file__).parent / "data"
 PROVIDER = "local"
 # The processes a server is ready with: the game, or a dev container's IDE.
-READY_KINDS = ("game", "ide")
+READY_KINDS = ("game", "ide", "service")
 
 StepCallback = Callable[[str, str], None]
 """Called with (step, event): event is "start", "done" or "skip"."""
@@ -321,6 +321,8 @@ class _Run:
             provider_id=provider_id, token_path=str(token_path),
             address=self.provider.address(self.record.name),
         )
+        devcontainer.prepare_ssh(self.playbook, self.provider, self.record,
+                                 self.provider.address(self.record.name))
 
     def _install_artifacts(self) -> None:
         root = self.provider.server_root(self.request.name)

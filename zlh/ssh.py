@@ -11,6 +11,7 @@ hands it to a second client as its socket, which is what `ssh -J` does.
 from __future__ import annotations
 
 import base64
+import getpass
 import hashlib
 import io
 import logging
@@ -416,19 +417,21 @@ def session(target: Hop, config: SshConfig) -> Iterator[Connection]:
 # -- OpenSSH config ------------------------------------------------------------------------
 
 
-def ssh_config_text(targets: list[tuple[str, Hop]], config: SshConfig) -> str:
-    """Host blocks that plain `ssh -F FILE zlh-NAME` can use, with zlh's known_hosts."""
+def ssh_config_text(targets: list[tuple[str, Hop]], config: SshConfig,
+                    direct: frozenset[str] = frozenset()) -> str:
+    """Host blocks that plain `ssh -F FILE zlh-NAME` can use, with zlh's known_hosts;
+    the servers named in `direct` are reached without the bastion."""
     common = [f"    UserKnownHostsFile {config.known_hosts_file()}",
               "    StrictHostKeyChecking yes"]
     if config.identity:
         common.insert(0, f"    IdentityFile {config.identity}")
         common.append("    IdentitiesOnly yes")
     blocks = []
-    if config.bastion:
+    if config.bastion and any(name not in direct for name, _ in targets):
         hop = parse_hop(config.bastion, user=config.user)
         blocks.append(_block("zlh-bastion", hop, common))
     for name, hop in targets:
-        extra = ["    ProxyJump zlh-bastion"] if config.bastion else []
+        extra = ["    ProxyJump zlh-bastion"] if config.bastion and name not in direct else []
         blocks.append(_block(f"zlh-{name}", hop, extra + common))
     return "\n".join(blocks)
 
@@ -443,17 +446,37 @@ def _block(alias: str, hop: Hop, lines: list[str]) -> str:
 
 
 def server_hop(name: str, config: SshConfig, user: str | None = None) -> Hop:
-    """Where a provisioned server's sshd is: its address and the configured port."""
+    """Where a provisioned server's sshd is: its address and its `ssh` port (a dev
+    container's own sshd), else the configured port."""
     from zlh import records
 
     record = records.get(name)
     if not record.address:
         raise NotFoundError(f"server {name} has no address yet (not provisioned)")
-    return Hop(user or config.user, record.address, config.port)
+    return _hop(record, config, user)
 
 
 def all_server_hops(config: SshConfig, user: str | None = None) -> list[tuple[str, Hop]]:
     from zlh import records
 
-    return [(s.name, Hop(user or config.user, s.address, config.port))
-            for s in records.list_all() if s.address]
+    return [(s.name, _hop(s, config, user)) for s in records.list_all() if s.address]
+
+
+def _hop(record: Any, config: SshConfig, user: str | None) -> Hop:
+    port = int(record.ports.get("ssh", config.port))
+    if user is None and record.provider == "local":
+        # A local container's sshd runs as the invoking user: the only one it logs in.
+        user = getpass.getuser()
+    return Hop(user or config.user, record.address, port)
+
+
+def is_direct(name: str) -> bool:
+    """A local container is on this machine's loopback: no bastion in between."""
+    from zlh import records
+
+    return bool(records.get(name).provider == "local")
+
+
+def route(name: str, config: SshConfig) -> SshConfig:
+    """The config to reach `name` with: without the bastion for a local container."""
+    return config.model_copy(update={"bastion": None}) if is_direct(name) else config

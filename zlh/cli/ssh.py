@@ -38,7 +38,7 @@ def ssh(
     if not name:
         raise typer.BadParameter("name a server")
     hop = core.server_hop(name, config, user)
-    with core.session(hop, config) as conn:
+    with core.session(hop, core.route(name, config)) as conn:
         if command:
             status = core.run(conn, " ".join(command), sys.stdout.buffer, sys.stderr.buffer)
         else:
@@ -68,7 +68,8 @@ def ssh_config(
         targets = [(name, core.server_hop(name, config, user))]
     else:
         raise typer.BadParameter("name a server, or pass --all")
-    sys.stdout.write(core.ssh_config_text(targets, config))
+    direct = frozenset(name for name, _ in targets if core.is_direct(name))
+    sys.stdout.write(core.ssh_config_text(targets, config, direct))
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,158 @@
+"""A dev container's own sshd, end to end through the `zlh` program: `dev-python` on the
+local provider, real OpenSSH on loopback, the host key zlh generated recorded first hand,
+commands whose exit codes pass through, one PATH for login and non-login shells, and the
+`zlh ssh-config` snippet used by plain `ssh -F`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agentd.spawn import SYSTEM_PATH
+from tests.codeserverfix import code_server_cache
+from tests.components import cache_root, free_port
+from tests.sshfix import keygen
+
+pytestmark = pytest.mark.slow
+
+ZLH = [sys.executable, "-c", "from zlh.cli import main; main()"]
+NAME = "devpy"
+
+
+class Operator:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.home = tmp / "zlh"
+        self.key = keygen(tmp / "id_ed25519", "operator")
+        self.known_hosts = tmp / "known_hosts"
+        # A bastion nobody listens on: a local container must be reached without it.
+        config = {"ssh": {"identity": str(self.key), "known_hosts": str(self.known_hosts),
+                          "bastion": f"root@127.0.0.1:{free_port()}"}}
+        (tmp / "config/zlh").mkdir(parents=True)
+        (tmp / "config/zlh/config.yaml").write_text(yaml.safe_dump(config))
+        # The sshd's keys come from the override of ssh.authorized_keys: ours and another.
+        self.authorized = tmp / "authorized"
+        other = keygen(tmp / "other", "other")
+        self.authorized.write_text(Path(f"{self.key}.pub").read_text()
+                                   + Path(f"{other}.pub").read_text())
+        self.home.mkdir(mode=0o700)
+        (self.home / "cache").symlink_to(cache_root(), target_is_directory=True)
+        self.env = {**os.environ, "ZLH_HOME": str(self.home),
+                    "XDG_CONFIG_HOME": str(tmp / "config"),
+                    "ZLH_SSH_AUTHORIZED_KEYS": str(self.authorized)}
+        self.env.pop("ZLH_DEBUG", None)
+
+    def zlh(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*ZLH, *args], env=self.env, capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=timeout, check=False)
+
+    @property
+    def container(self) -> Path:
+        return self.home / "containers" / NAME
+
+
+@pytest.fixture(scope="module")
+def operator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    code_server_cache()
+    op = Operator(tmp_path_factory.mktemp("devssh"))
+    try:
+        done = op.zlh("provision", "dev-python", NAME, "--json")
+        assert done.returncode == 0, done.stderr
+        op.ports = json.loads(done.stdout)["ports"]  # type: ignore[attr-defined]
+        yield op
+    finally:
+        op.zlh("delete", NAME, "--yes")
+
+
+def fingerprint(public: Path) -> str:
+    out = subprocess.run(["ssh-keygen", "-lf", str(public)], capture_output=True, text=True,
+                         check=True).stdout
+    return out.split()[1]
+
+
+def test_the_host_key_is_generated_and_recorded_at_provisioning(operator: Operator) -> None:
+    port = operator.ports["ssh"]  # type: ignore[attr-defined]
+    key = operator.container / "etc/ssh/ssh_host_ed25519_key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    found = subprocess.run(["ssh-keygen", "-F", f"[127.0.0.1]:{port}", "-l",
+                            "-f", str(operator.known_hosts)],
+                           capture_output=True, text=True, check=False)
+    assert found.returncode == 0, found.stderr
+    assert fingerprint(Path(f"{key}.pub")) in found.stdout
+    keys = operator.container / "etc/ssh/zlh_authorized_keys"
+    assert keys.read_text() == operator.authorized.read_text()
+    config = (operator.container / "etc/ssh/sshd_config").read_text().splitlines()
+    for line in ("ListenAddress 127.0.0.1", f"Port {port}", "PasswordAuthentication no",
+                 "KbdInteractiveAuthentication no", "UsePAM no",
+                 "PermitRootLogin prohibit-password"):
+        assert line in config
+
+    status = json.loads(operator.zlh("status", NAME, "--json").stdout)
+    ssh = next(p for p in status["processes"] if p["name"] == "ssh")
+    assert (ssh["kind"], ssh["state"], ssh["ready"]) == ("service", "running", True)
+
+
+def test_a_command_over_ssh_passes_its_exit_code_and_sees_the_one_path(
+        operator: Operator) -> None:
+    done = operator.zlh("ssh", NAME, "--", "sh -c 'echo $PATH; exit 3'", timeout=60)
+    assert done.returncode == 3, done.stderr
+    path = done.stdout.strip()
+    entries = path.split(":")
+    assert path == SYSTEM_PATH  # dev-python's python is the system's: no runtime folders
+    assert len(entries) == len(set(entries))
+
+    login = operator.zlh("ssh", NAME, "--", "bash -lc 'echo $PATH'", timeout=60)
+    non_login = operator.zlh("ssh", NAME, "--", "bash -c 'echo $PATH'", timeout=60)
+    assert login.returncode == 0 and non_login.returncode == 0, login.stderr + non_login.stderr
+    assert login.stdout.strip() == non_login.stdout.strip() == path
+
+
+def test_plain_ssh_uses_the_config_snippet(operator: Operator) -> None:
+    port = operator.ports["ssh"]  # type: ignore[attr-defined]
+    snippet = operator.zlh("ssh-config", NAME)
+    assert snippet.returncode == 0, snippet.stderr
+    assert f"Port {port}" in snippet.stdout
+    assert "ProxyJump" not in snippet.stdout and "zlh-bastion" not in snippet.stdout
+    config = operator.tmp / "ssh_config"
+    config.write_text(snippet.stdout)
+    done = subprocess.run(["ssh", "-F", str(config), "-o", "BatchMode=yes", f"zlh-{NAME}",
+                           "echo $PATH; exit 4"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 4, done.stderr
+    assert done.stdout.strip() == SYSTEM_PATH
+
+
+def test_a_key_zlh_did_not_record_is_refused(operator: Operator) -> None:
+    saved = operator.known_hosts.read_text()
+    operator.known_hosts.write_text("")
+    try:
+        done = operator.zlh("ssh", NAME, "--", "true", timeout=60)
+    finally:
+        operator.known_hosts.write_text(saved)
+    assert done.returncode != 0
+    assert "unknown host key" in done.stderr
+
+
+def test_an_interactive_shell_has_the_one_path(operator: Operator) -> None:
+    import pexpect
+
+    shell = pexpect.spawn(ZLH[0], [*ZLH[1:], "ssh", NAME], env=operator.env,
+                          encoding="utf-8", timeout=30, dimensions=(24, 200))
+    try:
+        shell.sendline('echo "P""ATH=$PATH."')
+        shell.expect(r"PATH=(\S+)\.\r\n")
+        path = shell.match.group(1)
+        shell.sendline("exit 5")
+        shell.expect(pexpect.EOF)
+    finally:
+        shell.close()
+    assert path == SYSTEM_PATH
+    assert shell.exitstatus == 5
