@@ -101,6 +101,8 @@ class Spool:
             self.offset = int(self.offset_path.read_text() or 0)
         except (FileNotFoundError, ValueError):
             self.offset = 0
+        self.skipped = 0  # bytes the holder could not write (disk full), not yet reported
+        self.hole_ahead = False  # a read stopped at such a hole: read again
         self._fd = os.open(self.offset_path, os.O_RDWR | os.O_CREAT, 0o600)
 
     def _segments(self) -> list[tuple[int, Path]]:
@@ -116,6 +118,7 @@ class Spool:
         """New output since the offset, at most `limit` bytes."""
         chunks: list[bytes] = []
         size = 0
+        self.hole_ahead = False
         segments = self._segments()
         for index, (start, path) in enumerate(segments):
             end = segments[index + 1][0] if index + 1 < len(segments) else None
@@ -123,8 +126,14 @@ class Spool:
                 path.unlink(missing_ok=True)  # consumed and closed by the holder
                 continue
             # A segment may start past the offset when the holder skipped bytes it
-            # could not write (disk full); those bytes are gone.
-            self.offset = max(self.offset, start)
+            # could not write (disk full): stop before the hole, so the caller can say
+            # where output went missing, and step over it on the next read.
+            if start > self.offset:
+                if size:
+                    self.hole_ahead = True
+                    break
+                self.skipped += start - self.offset
+                self.offset = start
             with open(path, "rb") as handle:
                 handle.seek(self.offset - start)
                 data = handle.read(limit - size)

@@ -41,7 +41,7 @@ from agentd.models import (
 )
 from agentd.probes import LogWatch, check
 from agentd.proctree import oom_kill_count, signal_leader, signal_tree
-from agentd.spawn import Child, Found, Launch, SpawnError, find, spawn
+from agentd.spawn import Child, Found, Launch, SpawnError, Spool, find, spawn
 from agentd.spawn import forget as forget_files
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class Supervisor:
         self._sent_sigkill = False
         self._holder_lost = False
         self._pump_queued = False  # a _pump for output already in the spool is scheduled
+        self._unsubscribe_watch: Callable[[], None] = lambda: None
         self._wanted = False  # the operator wants it up: false after stop or kill
         self._oom_before: int | None = None
         self._memory: MemoryGroup | None = None
@@ -93,7 +94,7 @@ class Supervisor:
 
     async def start(self) -> None:
         async with self._lock:
-            if self.state in ("starting", "running"):
+            if self.state in ("starting", "running") or self._child is not None:
                 return
             self._cancel_backoff()
             self._failures.clear()
@@ -207,13 +208,21 @@ class Supervisor:
         self._attach(child)
         self._transition("starting")
         self._start_probes(child)
+        self._pump(child)  # after the probes: a ready line already written is seen
 
     def _attach(self, child: Child) -> None:
         loop = asyncio.get_running_loop()
         self._child, self._exited = child, loop.create_future()
         loop.add_reader(child.sock, self._on_tick, child)
         loop.add_reader(child.holder_pidfd, self._reap, child)
-        self._pump(child)
+
+    def _report_lost_output(self, spool: Spool) -> None:
+        self.console.flush_partial()  # the line cut by the hole ends here, not glued on
+        self.console.note(f"[zlh] {spool.skipped} bytes of output were lost: the holder "
+                          "could not write them (disk full)")
+        log.warning("output_lost", extra=fields(process=self.spec.name,
+                                                bytes=spool.skipped))
+        spool.skipped = 0
 
     def _on_tick(self, child: Child) -> None:
         # The ticks only say "there is output"; the output itself is in the spool.
@@ -233,9 +242,11 @@ class Supervisor:
         more = False
         for _ in range(burst):
             data = child.spool.read(READ_SLICE)
+            if child.spool.skipped:
+                self._report_lost_output(child.spool)
             if data:
                 self.console.feed(data)
-            more = len(data) == READ_SLICE
+            more = len(data) == READ_SLICE or child.spool.hole_ahead
             if not more:
                 break
         # What is in the console is safe; an unterminated line is read again after a
@@ -409,7 +420,12 @@ class Supervisor:
     # -- probes -------------------------------------------------------------------------
 
     def _start_probes(self, child: Child) -> None:
-        self._track(self._readiness(child))
+        # A log probe subscribes here, synchronously, before any output is read.
+        watch = None
+        if isinstance(self.spec.readiness, LogProbe):
+            watch = LogWatch(self.spec.readiness)
+            self._unsubscribe_watch = self.console.subscribe(watch.feed)
+        self._track(self._readiness(child, watch))
         self._track(self._startup_deadline(child))
 
     def _track(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -417,20 +433,23 @@ class Supervisor:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _drop_watch(self) -> None:
+        unsubscribe, self._unsubscribe_watch = self._unsubscribe_watch, lambda: None
+        unsubscribe()
+
     def _cancel_probes(self) -> None:
+        self._drop_watch()  # also when the readiness task is cancelled before it ran
         for task in list(self._tasks):
             if task is not asyncio.current_task():
                 task.cancel()
 
-    async def _readiness(self, child: Child) -> None:
+    async def _readiness(self, child: Child, watch: LogWatch | None) -> None:
         probe = self.spec.readiness
-        if isinstance(probe, LogProbe):
-            watch = LogWatch(probe)
-            unsubscribe = self.console.subscribe(watch.feed)
+        if watch is not None:
             try:
                 await watch.wait()
             finally:
-                unsubscribe()
+                self._drop_watch()
         elif probe is not None:
             while await check(probe) is not None:
                 await asyncio.sleep(probe.interval)
@@ -517,8 +536,14 @@ class Supervisor:
         }
         path = self.holders / f"{self.spec.name}.state"
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, path)
+        except OSError as exc:
+            # A full disk must not stop a stop: the process is handled all the same, and
+            # only a restarted agent would know less about it.
+            log.warning("state_save_failed", extra=fields(process=self.spec.name,
+                                                          error=str(exc)))
 
     def _load(self) -> dict[str, object]:
         try:
@@ -564,6 +589,7 @@ class Supervisor:
         else:
             self._transition("starting")
             self._start_probes(child)
+        self._pump(child)  # after the probes: what was written meanwhile is seen
         if saved.get("state") == "stopping":
             # The last agent died mid-stop: finish the job, escalation included.
             self._track(self.stop())
