@@ -232,7 +232,9 @@ def _start_holder(launch_file: Path) -> dict[str, int | str]:
     finally:
         os.close(info_w)
     try:
-        starter.wait(HOLDER_START_TIMEOUT)  # the holder detaches at once
+        # The holder detaches with its first instruction; a blocking wait reaps that
+        # at once (a wait with a timeout polls in growing sleeps).
+        starter.wait()
         ready, _, _ = select.select([info_r], [], [], HOLDER_START_TIMEOUT)
         line = os.read(info_r, 65536) if ready else b""
     finally:
