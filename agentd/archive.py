@@ -187,7 +187,8 @@ def write_archive(root: Path, paths: list[str], excluder: Excluder, out: BinaryI
     written = Written()
     manifest = _Manifest([os.path.normpath(p) for p in paths])
     compressor = zstandard.ZstdCompressor(level=level, threads=threads)
-    with compressor.stream_writer(sink, closefd=False) as zstd_out:  # type: ignore[arg-type]  # a writable file-like
+    # The sink is a writable file-like object; zstandard's stubs ask for a narrower type.
+    with compressor.stream_writer(sink, closefd=False) as zstd_out:  # type: ignore[arg-type]
         tar = _TarStream(zstd_out)
         for rel, st in walk(root, manifest.paths, excluder, written.skipped):
             _add(tar, root, rel, st, manifest, written)

@@ -221,7 +221,7 @@ class Console:
         for callback in list(self._subscribers):
             try:
                 callback(batch)
-            except Exception:
+            except Exception:  # noqa: BLE001 - logged with its traceback, then skipped
                 # A broken subscriber (a probe) must not stop the console from draining.
                 logger.exception(
                     "console_subscriber_failed",

@@ -329,9 +329,11 @@ class Supervisor:
 
     def _crashed(self, crash_class: str, code: int | None, signame: str | None,
                  uptime: float, detail: str, inferred: bool = False) -> None:
+        # crash_class is one of CrashClass's values; pydantic checks it at construction.
         record = CrashRecord(
-            time=time.time(), crash_class=crash_class, exit_code=code, signal=signame,  # type: ignore[arg-type]  # validated Literal
-            uptime=round(uptime, 3), inferred=inferred, detail=detail,
+            time=time.time(), crash_class=crash_class,  # type: ignore[arg-type]
+            exit_code=code, signal=signame, uptime=round(uptime, 3), inferred=inferred,
+            detail=detail,
             last_lines=self.console.tail(CRASH_LINES),
         )
         self.crashes.append(record)

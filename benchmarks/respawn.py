@@ -179,7 +179,8 @@ def main() -> int:
     started = time.monotonic()
     ours = run_agent(args.crashes, args.timeout)
     result: dict[str, Any] = {
-        "benchmark": "respawn", "agentd_source": source_label(), "crashes": args.crashes, "target_median_ms": TARGET_MS,
+        "benchmark": "respawn", "agentd_source": source_label(), "crashes": args.crashes,
+        "target_median_ms": TARGET_MS,
         "child": f"{Path(sys.executable).name} {CHILD.name} MARKS (exit code 1)",
         "agentd": {key: stats(ours[key]) for key in
                    ("exit_to_spawn", "end_to_end", "end_to_exit_record",

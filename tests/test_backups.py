@@ -76,7 +76,9 @@ def archive_members(path: Path) -> dict[str, bytes]:
     with open(path, "rb") as handle:
         raw = zstandard.ZstdDecompressor().stream_reader(handle).read()
     with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}  # type: ignore[union-attr]
+        # extractfile() gives a file for every regular member (isfile() is checked).
+        files = [m for m in tar if m.isfile()]
+        return {m.name: tar.extractfile(m).read() for m in files}  # type: ignore[union-attr]
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:
@@ -217,7 +219,9 @@ def corrupt_rehashed(archive: Path, record: dict[str, Any], index: Path) -> None
     out = io.BytesIO()
     with tarfile.open(fileobj=io.BytesIO(raw)) as src, tarfile.open(fileobj=out, mode="w") as dst:
         for member in src:
-            data = src.extractfile(member).read() if member.isfile() else None  # type: ignore[union-attr]
+            # A regular member always has a file to read.
+            handle = src.extractfile(member) if member.isfile() else None
+            data = handle.read() if handle is not None else None
             if data is not None and member.name.endswith("level.dat"):
                 data = b"X" * len(data)
             dst.addfile(member, io.BytesIO(data) if data is not None else None)

@@ -67,7 +67,8 @@ class IdeAgent:
         return self.agent.process(codeserver.PROCESS)
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
-        return poll(lambda: (p := self.ide())["ready"] and p, timeout,  # type: ignore[no-any-return]
+        # poll returns what the predicate returned: the ide process's status.
+        return poll(lambda: (p := self.ide())["ready"] and p, timeout,  # type: ignore
                     "code-server to be ready")
 
 
