@@ -117,7 +117,7 @@ def test_a_server_over_a_limit_is_refused(
     with inventory.Inventory() as db:
         db.add(_server("a1", "ann", 1024))
         db.add(_server("a2", "ann", 1024))
-        db.add(_server("b1", "bob", 1024))
+        db.add(_server("b1", "team2", 1024))
 
     with pytest.raises(ConflictError) as info:
         tiers.admit("ann", _tier(1024))
@@ -127,7 +127,7 @@ def test_a_server_over_a_limit_is_refused(
 
 @pytest.mark.parametrize(("limits", "owner"), [
     ({}, "ann"),
-    ({"servers_per_owner": 2}, "bob"),
+    ({"servers_per_owner": 2}, "team2"),
     ({"total_memory_mb": 4096}, "ann"),
 ], ids=["no-limits", "other-owner-has-room", "exactly-at-the-memory-limit"])
 def test_a_server_within_the_limits_is_admitted(
