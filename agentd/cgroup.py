@@ -43,6 +43,12 @@ class MemoryGroup:
         self.version = version
 
     @classmethod
+    def own(cls) -> MemoryGroup | None:
+        """The agent's own memory cgroup (read only: its counter covers every child)."""
+        found = _own_memory_group()
+        return None if found is None else cls(*found)
+
+    @classmethod
     def open(cls, name: str, limit_bytes: int | None) -> MemoryGroup | None:
         """Create (or take up) the group `name` under ours; None when not possible."""
         own = _own_memory_group()

@@ -114,35 +114,3 @@ def signal_leader(root: Identity, sig: signal.Signals) -> bool:
         return True
     except psutil.Error:
         return False
-
-
-def oom_kill_count() -> int | None:
-    """The OOM-kill counter of our memory cgroup (v2 or v1), None when unreadable."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":
-            count = _read_counter(Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.events")
-        elif "memory" in controllers.split(","):
-            base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
-            count = _read_counter(base / "memory.oom_control")
-        else:
-            continue
-        if count is not None:
-            return count
-    return None
-
-
-def _read_counter(path: Path) -> int | None:
-    try:
-        text = path.read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, _, value = line.partition(" ")
-        if key == "oom_kill":
-            return int(value)
-    return None

@@ -40,7 +40,7 @@ from agentd.models import (
     ProcessStatus,
 )
 from agentd.probes import LogWatch, check
-from agentd.proctree import oom_kill_count, signal_leader, signal_tree
+from agentd.proctree import signal_leader, signal_tree
 from agentd.spawn import Child, Found, Launch, SpawnError, Spool, find, spawn
 from agentd.spawn import forget as forget_files
 
@@ -507,7 +507,8 @@ class Supervisor:
         """OOM kills in the process's own cgroup, else in the agent's."""
         if self._memory is not None:
             return self._memory.oom_kills()
-        return oom_kill_count()
+        own = MemoryGroup.own()
+        return None if own is None else own.oom_kills()
 
     def release(self) -> None:
         """The process is removed from the spec: its cgroup goes too."""
