@@ -42,7 +42,8 @@ def test_dead_agent_is_started_again_and_reattaches(squid_zlh: Operator) -> None
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie",
                10, "the agent to die")
-    assert "does not answer" in ops("status", "up2").out
+    stale = ops("status", "up2")
+    assert stale.code == 6 and "does not answer" in stale.out
     started = ops("agent", "start", "up2")
     assert started.code == 0, started.err
     assert _game_status(ops, "up2")["pid"] == game

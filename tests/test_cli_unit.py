@@ -175,6 +175,17 @@ def test_status_detail_lists_state_crash_memory_and_address(zlh, home, agents) -
         assert expected in result.out
 
 
+def test_status_of_one_server_whose_agent_is_down_shows_it_and_exits_6(zlh, home,
+                                                                        agents) -> None:
+    register(home, agents, "beta", unreachable=True)
+
+    result = zlh("status", "beta", "--json")
+
+    assert result.code == 6
+    assert json.loads(result.out)["reachable"] is False
+    assert result.err.startswith("zlh: error: server beta: ")
+
+
 def test_fleet_status_marks_an_unreachable_agent(zlh, home, agents) -> None:
     register(home, agents, "alpha")
     register(home, agents, "beta", unreachable=True)
@@ -248,7 +259,7 @@ def test_console_send_to_a_stopped_process_shows_the_agents_message(zlh, home, a
 
     result = zlh("console", "alpha", "--send", "say hello")
 
-    assert result.code == 7
+    assert result.code == 5
     assert result.err == "zlh: error: agent: process game is not running (HTTP 409)\n"
 
 

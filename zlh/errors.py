@@ -9,7 +9,8 @@ single line `zlh: error: ...` on stderr and exits with its code.
     +-- NotFoundError             exit 4   unknown server, playbook, process, backup
     +-- ConflictError             exit 5   name clash, port taken, operation already running
     +-- AgentUnreachableError     exit 6   the agent does not answer (timeout, refused)
-    +-- AgentRequestError         exit 7   the agent answered with an error
+    +-- AgentRequestError         exit 7   the agent answered with an error (4 for its 404,
+                                           5 for its 409: unknown, or not in that state)
     +-- ProvisionError            exit 8   a provisioning step failed (it is recorded)
     +-- CheckFailedError          exit 9   `zlh check` found a failing check
     +-- IntegrityError            exit 10  a hash or size does not match
@@ -73,6 +74,13 @@ class AgentRequestError(ZlhError):
         super().__init__(message)
         self.status = status
         self.code = code
+        if status in _AGENT_STATUS_EXITS:
+            self.exit_code = _AGENT_STATUS_EXITS[status]
+
+
+# What the agent's own answer already says, kept in the exit code: a cron job or a script can
+# tell "no such thing" and "not now" from a failed request.
+_AGENT_STATUS_EXITS = {404: ExitCode.NOT_FOUND, 409: ExitCode.CONFLICT}
 
 
 class ProvisionError(ZlhError):

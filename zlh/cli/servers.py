@@ -23,7 +23,13 @@ def status(
     if name is None:
         render.emit(servers.fleet_status(), want_json(json_output), _fleet_table)
     else:
-        render.emit(servers.server_status(name), want_json(json_output), _detail)
+        from zlh.errors import AgentUnreachableError
+
+        view = servers.server_status(name)
+        render.emit(view, want_json(json_output), _detail)
+        if not view.reachable:
+            # The detail is shown either way; the exit code tells a script it is stale.
+            raise AgentUnreachableError(f"server {name}: {view.error or 'agent unreachable'}")
 
 
 @servers_app.command("list")
