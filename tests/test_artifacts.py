@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import tarfile
 from pathlib import Path
 
+import pytest
 import zstandard
 
 from tests.components import cache_root
 from zlh import artifacts, catalog
 from zlh.cli import run
+from zlh.errors import NotFoundError
 
 
 def _tree(folder: Path, mtime: int) -> Path:
@@ -78,3 +81,33 @@ def test_java_rebuild_matches_the_committed_catalog(tmp_path: Path):
     located = catalog.find("java", arch=catalog.machine_arch())
     built = artifacts.add("java", located.version.version, tmp_path)
     assert (built.sha256, built.size) == (located.artifact.sha256, located.artifact.size)
+
+
+def test_python_builds_twice_to_the_committed_catalog(tmp_path: Path):
+    """Python from Debian's packages (apt-get download of pinned revisions): two builds,
+    the same bytes, the catalog's sha256; it runs from wherever it is unpacked."""
+    from agentd import runtimes
+
+    located = catalog.find("python", arch=catalog.machine_arch())
+    version = located.version.version
+    first = artifacts.add("python", version, tmp_path / "one")
+    second = artifacts.add("python", version, tmp_path / "two")
+    assert first.sha256 == second.sha256 == located.artifact.sha256
+    assert first.size == second.size == located.artifact.size
+    assert first.verify == located.artifact.verify
+
+    tree = tmp_path / "somewhere/else"
+    tree.parent.mkdir()
+    runtimes.extract(first.file, "tar.zst", tree)
+    assert located.artifact.verify is not None
+    runtimes.run_verify(tree, located.artifact.verify, located.artifact.path)
+    done = subprocess.run([str(tree / "bin/python3"), "-I", "-c",
+                           "import sys; print(sys.prefix, sys.version_info[:3])"],
+                          capture_output=True, text=True, check=True, timeout=60)
+    assert done.stdout == f"{tree} (3, 11, 2)\n"
+
+
+def test_python_of_an_unknown_version_names_the_known_ones(tmp_path: Path):
+    with pytest.raises(NotFoundError, match=r"no Debian revision known for Python 3\.12\.0; "
+                                            r"known: 3\.11\.2"):
+        artifacts.add("python", "3.12.0", tmp_path)

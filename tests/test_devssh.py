@@ -1,7 +1,8 @@
 """A dev container's own sshd, end to end through the `zlh` program: `dev-python` on the
 local provider, real OpenSSH on loopback, the host key zlh generated recorded first hand,
 commands whose exit codes pass through, one PATH for login and non-login shells, and the
-`zlh ssh-config` snippet used by plain `ssh -F`.
+`zlh ssh-config` snippet used by plain `ssh -F`. The catalog's python (Debian's, repacked)
+is first on that PATH and makes a venv with pip, over SSH and as the dev user.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from agentd.spawn import SYSTEM_PATH
 from tests.codeserverfix import code_server_cache
 from tests.components import cache_root, free_port
 from tests.sshfix import keygen
+from tests.test_devenv import in_namespace
 
 pytestmark = pytest.mark.slow
 
@@ -57,6 +59,11 @@ class Operator:
     @property
     def container(self) -> Path:
         return self.home / "containers" / NAME
+
+    @property
+    def path(self) -> str:
+        """The container's one PATH: the catalog python's folder, then the system's."""
+        return f"{self.container}/opt/zlh/runtimes/python/current/bin:{SYSTEM_PATH}"
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +113,7 @@ def test_a_command_over_ssh_passes_its_exit_code_and_sees_the_one_path(
     assert done.returncode == 3, done.stderr
     path = done.stdout.strip()
     entries = path.split(":")
-    assert path == SYSTEM_PATH  # dev-python's python is the system's: no runtime folders
+    assert path == operator.path
     assert len(entries) == len(set(entries))
 
     login = operator.zlh("ssh", NAME, "--", "bash -lc 'echo $PATH'", timeout=60)
@@ -127,7 +134,7 @@ def test_plain_ssh_uses_the_config_snippet(operator: Operator) -> None:
                            "echo $PATH; exit 4"],
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 4, done.stderr
-    assert done.stdout.strip() == SYSTEM_PATH
+    assert done.stdout.strip() == operator.path
 
 
 def test_a_key_zlh_did_not_record_is_refused(operator: Operator) -> None:
@@ -154,5 +161,70 @@ def test_an_interactive_shell_has_the_one_path(operator: Operator) -> None:
         shell.expect(pexpect.EOF)
     finally:
         shell.close()
-    assert path == SYSTEM_PATH
+    assert path == operator.path
     assert shell.exitstatus == 5
+
+
+def test_the_catalog_python_makes_a_venv_over_ssh(operator: Operator) -> None:
+    # The venv's base is the runtime's `current`: an upgrade of the runtime carries it along.
+    runtime = operator.container / "opt/zlh/runtimes/python/current"
+    venv = operator.tmp / "ssh-venv"
+    script = (f"command -v python3; python3 -m venv {venv} && "
+              f"{venv}/bin/python -c 'import sys; print(sys.base_prefix)' && "
+              f"{venv}/bin/pip --version")
+    done = operator.zlh("ssh", NAME, "--", script, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"{runtime}/bin/python3",
+        str(runtime),
+        f"pip 23.0.1 from {venv}/lib/python3.11/site-packages/pip (python 3.11)",
+    ]
+
+
+# As the dev user of a container laid out as on Proxmox: in a user and mount namespace,
+# /etc is a copy where dev is created, and the container's /opt and /home are mounted
+# over the machine's. The runtime was installed by root; dev can only read it.
+AS_DEV = """
+set -e
+cp -a /etc/. "$1/etc"
+mount --bind "$1/etc" /etc
+mount --bind {container}/opt /opt
+mount --bind {container}/home /home
+{python} -c 'from agentd import devuser; devuser.ensure("dev")'
+exec setpriv --reuid=dev --regid=dev --init-groups env -i HOME=/home/dev PATH={path} sh -c '
+cd /home/dev/workspace
+id -un
+command -v python3
+python3 -c "import ensurepip, sys; print(sys.prefix, ensurepip._WHEEL_PKG_DIR)"
+python3 -m venv .venv
+.venv/bin/pip --version
+printf "import sqlite3, ssl\\nprint(sum(range(10)), sqlite3.sqlite_version)\\n" > hello.py
+.venv/bin/python hello.py
+python3 -m pip --version 2>&1 || echo "exit $?"
+'
+"""
+
+
+def test_the_dev_user_runs_the_catalog_python_and_makes_a_venv(
+        operator: Operator, tmp_path: Path) -> None:
+    import sqlite3
+
+    (tmp_path / "etc").mkdir()
+    runtime = "/opt/zlh/runtimes/python/current"
+    script = AS_DEV.format(container=operator.container, python=sys.executable,
+                           path=f"{runtime}/bin:{SYSTEM_PATH}")
+    done = in_namespace(tmp_path, script)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "dev",
+        f"{runtime}/bin/python3",
+        f"{runtime} {runtime}/share/python-wheels",  # not the machine's /usr/share
+        ("pip 23.0.1 from /home/dev/workspace/.venv/lib/python3.11/site-packages/pip "
+         "(python 3.11)"),
+        f"45 {sqlite3.sqlite_version}",
+        f"{runtime}/bin/python3: No module named pip",  # pip comes with a venv
+        "exit 1",
+    ]
+    workspace = operator.container / "home/dev/workspace"
+    assert (workspace / ".venv/pyvenv.cfg").read_text().startswith(
+        f"home = {runtime}/bin\n")

