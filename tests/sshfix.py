@@ -28,7 +28,7 @@ def keygen(path: Path, comment: str = "zlh-test") -> Path:
 
 class Sshd:
     def __init__(self, folder: Path, client_key: Path, bastion: bool = False,
-                 port: int | None = None) -> None:
+                 port: int | None = None, extra: tuple[str, ...] = ()) -> None:
         if not os.access(SSHD, os.X_OK):
             pytest.fail("/usr/sbin/sshd is missing: apt-get install -y openssh-server "
                         "(bash .ci/setup installs it)", pytrace=False)
@@ -49,6 +49,7 @@ class Sshd:
         ]
         if bastion:
             lines += ["AllowTcpForwarding yes", "PermitTTY no", "ForceCommand /bin/false"]
+        lines += extra
         self.config = folder / "sshd_config"
         self.config.write_text("\n".join(lines) + "\n")
         self.log = folder / "sshd.log"

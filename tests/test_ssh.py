@@ -1,5 +1,6 @@
 """SSH through a bastion with real OpenSSH servers on loopback: host key checks, commands
-and their exit codes, a PTY shell, the OpenSSH config snippet, and the agent bootstrap.
+and their exit codes, a PTY shell and the OpenSSH config snippet. The agent's bootstrap
+over SSH is tested with the containers of tests/test_proxmox_ssh.py.
 """
 
 from __future__ import annotations
@@ -12,11 +13,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pexpect
 import pytest
 import yaml
-from components import free_port, wait_until
 from sshfix import Sshd, keygen
 
 from zlh import opconfig
@@ -152,33 +151,6 @@ def test_ssh_config_works_with_plain_openssh(net: Net) -> None:
     assert net.zlh("ssh-config", "--all").stdout == done.stdout
 
 
-def test_the_agent_is_bootstrapped_over_ssh_through_the_bastion(net: Net) -> None:
-    net.trust_both()
-    wheel = zssh.build_wheel(net.tmp / "wheels")
-    root = net.tmp / "container-root"
-    port = free_port()
-    token = "t0ken-" + "x" * 30
-    config = yaml.safe_dump({
-        "bind": "127.0.0.1", "port": port, "token_file": f"{root}/etc/zlh/agent.token",
-        "state_dir": f"{root}/var/lib/zlh", "server_root": f"{root}/srv/zlh",
-    })
-    hop = zssh.Hop("root", "127.0.0.1", net.target.port)
-    with zssh.session(hop, net.config) as conn:
-        done = zssh.bootstrap_agent(conn, wheel, config, token, root=str(root),
-                                    python=sys.executable, start="direct")
-    try:
-        assert (root / "etc/zlh/agent.token").stat().st_mode & 0o777 == 0o600
-        assert (root / "etc/zlh/agent.token").read_text() == token
-        url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: _healthy(url), 30, "the bootstrapped agent's /healthz")
-        status = httpx.get(f"{url}/v1/status", headers={"Authorization": f"Bearer {token}"})
-        assert status.status_code == 200
-    finally:
-        assert done.pid is not None
-        os.kill(done.pid, 15)
-        wait_until(lambda: not _alive(done.pid), 30, "the agent to exit")
-
-
 def test_run_copies_output_and_status_in_process(net: Net) -> None:
     net.trust_both()
     out, err = io.BytesIO(), io.BytesIO()
@@ -195,20 +167,3 @@ def test_run_copies_output_and_status_in_process(net: Net) -> None:
 )
 def test_parse_hop(text: str, hop: zssh.Hop) -> None:
     assert zssh.parse_hop(text) == hop
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie until its parent (the sshd session is gone; init) reaps it.
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split()[2] != "Z"

@@ -15,6 +15,7 @@ Sections read here (others belong to other parts of zlh and are left alone):
       ip: dhcp                       # or a static CIDR with gateway
       template: local:vztmpl/debian-12-standard_12.7-1_amd64.tar.zst
       ssh_public_key_file: ~/.ssh/id_ed25519.pub
+      agent_python: /usr/bin/python3  # has the agent's dependencies; default: a venv
     ssh:
       bastion: jump@bastion.example.net:22
       identity: ~/.ssh/id_ed25519
@@ -64,8 +65,12 @@ class ProxmoxConfig(Model):
     # A ticket lives 2 h; zlh logs in again well before that.
     ticket_renew_s: float = Field(default=5400.0, gt=0, le=7000)
     # Where a container's root lives on this machine, when containers are folders
-    # (the test cluster and demos); unset on a real cluster.
+    # (demos); unset on a real cluster, where everything goes over SSH.
     backing_root: Path | None = None
+    # An interpreter in the containers that has the agent's dependencies; the agent's
+    # wheel is unpacked for it. Unset: a venv /opt/zlh/agent/venv with the wheel and its
+    # dependencies from the package index the containers reach.
+    agent_python: str | None = None
 
     @field_validator("token_secret_file", "password_file", "ssh_public_key_file",
                      "backing_root")

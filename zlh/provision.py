@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,6 +40,7 @@ if TYPE_CHECKING:
     from agentd.models import Status
     from zlh.playbooks import Playbook
     from zlh.providers import Provider
+    from zlh.providers.base import ServerFiles
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,9 @@ def provision(request: ProvisionRequest, on_step: StepCallback | None = None) ->
     playbook = playbooks.load_playbook(request.playbook)
     playbooks.resolve_values(playbook, request.values)
     _check_pinned(playbook, request.allow_unpinned)
-    playbooks.require_system_artifacts(playbook)
+    if _provider_for(request) == "local":
+        # Other providers' containers are checked at artifacts-installed, not this machine.
+        playbooks.require_system_artifacts(playbook)
     from zlh import runtimes
 
     runtimes.playbook_items(playbook)  # every catalog entry the playbook names exists
@@ -325,15 +327,18 @@ class _Run:
                                  self.provider.address(self.record.name))
 
     def _install_artifacts(self) -> None:
-        root = self.provider.server_root(self.request.name)
-        for artifact in self.playbook.artifacts:
-            _install_artifact(artifact, root, self.home / "cache", self.request.allow_unpinned)
+        # Through the provider: the server root may be a folder here or a container's
+        # behind SSH.
+        with self.provider.server_files(self.request.name) as files:
+            for artifact in self.playbook.artifacts:
+                _install_artifact(artifact, files, self.home / "cache",
+                                  self.request.allow_unpinned)
         devcontainer.install(self.playbook, self.provider, self.request.name, self.home / "cache")
 
     def _render_files(self) -> None:
-        from zlh import playbooks
-
-        playbooks.write_files(self._rendered())
+        with self.provider.server_files(self.request.name) as files:
+            for item in self._rendered().files:
+                files.write_text(item.path, item.content)
 
     def _rendered(self) -> Any:
         from zlh import playbooks
@@ -366,7 +371,9 @@ class _Run:
         from zlh.servers import agent_client
 
         assert self.record is not None
-        for port_name, number in self.record.ports.items():
+        # Ports of this machine only: an agent inside its container binds the container's.
+        on_this_machine = not getattr(self.provider, "agent_in_container", False)
+        for port_name, number in self.record.ports.items() if on_this_machine else ():
             protocol = self.playbook.ports[port_name].protocol
             require_free(number, protocol, f"{port_name} of {self.record.name}")
 
@@ -410,23 +417,22 @@ class _Run:
         )
 
 
-def _install_artifact(artifact: Any, root: Path, cache: Path, allow_unpinned: bool) -> None:
+def _install_artifact(artifact: Any, files: ServerFiles, cache: Path,
+                      allow_unpinned: bool) -> None:
     if artifact.source == "npm":
-        from zlh.npmcache import install_npm_package
+        from zlh.npmcache import ensure_cached
 
-        install_npm_package(
-            artifact.package,
-            artifact.version,
-            artifact.sha256,
-            dest=root,
-            cache_root=cache,
-            allow_unpinned=allow_unpinned,
-        )
-        _copy_launcher(artifact.package, root)
+        entry = ensure_cached(artifact.package, artifact.version, artifact.sha256, cache,
+                              allow_unpinned)
+        files.put(entry / "node_modules", "node_modules")
+        launcher = LAUNCHERS.get(artifact.package)
+        if launcher is not None:
+            # The launcher zlh ships for this package (see LAUNCHERS).
+            files.put(DATA / launcher, "launcher.js")
     elif artifact.source == "catalog":
         return  # installed by the agent in the runtimes-installed step
     elif artifact.source == "system":
-        if not Path(artifact.path).exists():
+        if not files.has(artifact.path):
             raise ProvisionError(f"{artifact.path} is missing: apt-get install -y {artifact.apt}")
     else:
         # When the catalogs issue lands, url artifacts come from the artifact server
@@ -435,13 +441,6 @@ def _install_artifact(artifact: Any, root: Path, cache: Path, allow_unpinned: bo
             f"artifact {_artifact_label(artifact)}: source {artifact.source!r} "
             "is not supported by the local provider yet"
         )
-
-
-def _copy_launcher(package: str, root: Path) -> None:
-    """Put the launcher zlh ships for an npm package (if any) into the server root."""
-    launcher = LAUNCHERS.get(package)
-    if launcher is not None:
-        shutil.copyfile(DATA / launcher, root / "launcher.js")
 
 
 def _games_ready(status: Status) -> bool:

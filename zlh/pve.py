@@ -179,9 +179,17 @@ class PveClient:
         reason = self._error_line(node, upid) or exitstatus or "no exit status"
         raise ProxmoxError(f"Proxmox task {kind} {ident} on {node} failed: {reason}")
 
+    def task_log(self, upid: str, limit: int = 500) -> list[str]:
+        """The first `limit` lines of a task's log."""
+        match = UPID.fullmatch(upid)
+        if match is None:
+            raise ProxmoxError(f"Proxmox returned {upid!r} where a task id (UPID) belongs")
+        entries = self.get(f"nodes/{match.group('node')}/tasks/{upid}/log", start=0,
+                           limit=limit)
+        return [str(entry.get("t", "")) for entry in entries]
+
     def _error_line(self, node: str, upid: str) -> str:
-        lines = [str(entry.get("t", "")) for entry in
-                 self.get(f"nodes/{node}/tasks/{upid}/log", start=0, limit=500)]
+        lines = self.task_log(upid)
         for line in reversed(lines):
             if line.startswith("TASK ERROR: "):
                 return line.removeprefix("TASK ERROR: ")

@@ -39,7 +39,13 @@ def agent_client(record: Server, timeout: float = 10.0) -> AgentClient:
     """The client for a server's agent. Unit tests replace this to use a mock transport."""
     from zlh.agent_client import AgentClient
 
-    return AgentClient(records.agent_url(record), records.agent_token(record), timeout=timeout)
+    transport = None
+    if record.provider == "proxmox":
+        from zlh.providers.proxmox import agent_transport
+
+        transport = agent_transport(record)  # through SSH to the container's loopback
+    return AgentClient(records.agent_url(record), records.agent_token(record), timeout=timeout,
+                       transport=transport)
 
 
 # -- status ----------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Host keys are checked against zlh's own known_hosts file (OpenSSH format, so plain `ssh`
 can use it too) with paramiko's RejectPolicy: an unknown host is refused until the
-operator runs `zlh ssh trust HOST[:PORT]`, and a changed key is refused, loudly.
+operator runs `zlh ssh trust HOST[:PORT]`, and a changed key is refused, loudly. A new
+Proxmox container's key is recorded when it matches a fingerprint its create task logged
+(`trust_verified`), and dropped when the container is deleted (`forget`).
 
 Through a bastion, zlh opens a `direct-tcpip` channel on the bastion's connection and
 hands it to a second client as its socket, which is what `ssh -J` does.
@@ -13,19 +15,15 @@ from __future__ import annotations
 import base64
 import getpass
 import hashlib
-import io
 import logging
 import os
 import select
-import shlex
 import socket
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Any, Self
 
 import paramiko  # type: ignore[import-untyped]  # no stubs installed
@@ -38,11 +36,14 @@ log = logging.getLogger(__name__)
 CHUNK = 32768
 POLL_S = 0.2
 TAIL_S = 5.0
-AGENT_WHEEL_DIR = "opt/zlh/wheels"
 
 
 class SshError(ZlhError):
     """The connection failed: refused, auth, or a host key that is unknown or changed."""
+
+
+class SshUnreachable(SshError):
+    """Nothing answered at the address (yet): a container's sshd may still be starting."""
 
 
 @dataclass(frozen=True)
@@ -147,40 +148,60 @@ def connect(target: Hop, config: SshConfig) -> Connection:
         _login(client, target, config, "host")
         return Connection(client, None)
 
-    bastion_hop = parse_hop(config.bastion, user=config.user)
-    bastion = _client(config)
-    _login(bastion, bastion_hop, config, "bastion")
+    bastion = _bastion(config)
     try:
-        transport = bastion.get_transport()
-        assert transport is not None
-        channel = transport.open_channel("direct-tcpip", (target.host, target.port),
-                                         ("127.0.0.1", 0), timeout=config.connect_timeout)
+        channel = _channel(bastion.client, target, config)
         client = _client(config)
         _login(client, target, config, "host", sock=channel)
-    except paramiko.ChannelException as exc:
-        bastion.close()
-        raise SshError(f"the bastion {bastion_hop} cannot reach {target.host}:{target.port}: "
-                       f"{exc.text}") from None
     except BaseException:
         bastion.close()
         raise
-    return Connection(client, bastion)
+    return Connection(client, bastion.client)
+
+
+def _bastion(config: SshConfig) -> Connection:
+    assert config.bastion
+    client = _client(config)
+    _login(client, parse_hop(config.bastion, user=config.user), config, "bastion")
+    return Connection(client, None)
+
+
+def _channel(bastion: paramiko.SSHClient, target: Hop, config: SshConfig) -> paramiko.Channel:
+    """A `direct-tcpip` channel from the bastion to `target`, as `ssh -J` opens."""
+    transport = bastion.get_transport()
+    assert transport is not None
+    try:
+        return transport.open_channel("direct-tcpip", (target.host, target.port),
+                                      ("127.0.0.1", 0), timeout=config.connect_timeout)
+    except paramiko.ChannelException as exc:
+        raise SshUnreachable(f"the bastion {config.bastion} cannot reach {target.host}:"
+                             f"{target.port}: {exc.text}") from None
 
 
 # -- trusting a host ---------------------------------------------------------------------
 
 
-def host_key(hop: Hop, config: SshConfig) -> paramiko.PKey:
-    """The key a server offers, fetched without logging in."""
-    try:
-        sock = socket.create_connection((hop.host, hop.port), timeout=config.connect_timeout)
-    except OSError as exc:
-        raise SshError(f"cannot reach {hop.host}:{hop.port}: {exc.strerror or exc}") from None
+def host_key(hop: Hop, config: SshConfig, via_bastion: bool = False) -> paramiko.PKey:
+    """The key a server offers, fetched without logging in (through the bastion, when
+    `via_bastion` and one is configured)."""
+    if not (via_bastion and config.bastion):
+        try:
+            sock = socket.create_connection((hop.host, hop.port),
+                                            timeout=config.connect_timeout)
+        except OSError as exc:
+            raise SshUnreachable(f"cannot reach {hop.host}:{hop.port}: "
+                                 f"{exc.strerror or exc}") from None
+        return _offered_key(hop, config, sock)
+    with _bastion(config) as bastion:
+        return _offered_key(hop, config, _channel(bastion.client, hop, config))
+
+
+def _offered_key(hop: Hop, config: SshConfig, sock: Any) -> paramiko.PKey:
     transport = paramiko.Transport(sock)
     try:
         transport.start_client(timeout=config.connect_timeout)
         return transport.get_remote_server_key()
-    except paramiko.SSHException as exc:
+    except (paramiko.SSHException, EOFError) as exc:
         raise SshError(f"{hop.host}:{hop.port} did not speak SSH: {exc}") from None
     finally:
         transport.close()
@@ -203,6 +224,24 @@ def trust(hop: Hop, config: SshConfig, expect: str | None = None,
     if expect and expect != seen:
         raise SshError(f"{hop.known_hosts_name} offers {seen}, not the expected {expect}; "
                        "nothing recorded")
+    return _record(hop, key, config, replace)
+
+
+def trust_verified(hop: Hop, config: SshConfig, fingerprints: Collection[str]) -> Trusted:
+    """Record the key a new container offers (through the bastion) when it is one of
+    `fingerprints`, learnt from a trusted source (Proxmox's task log, over TLS); it
+    replaces what an earlier container at the same address left in known_hosts."""
+    key = host_key(hop, config, via_bastion=True)
+    seen = fingerprint(key)
+    if seen not in fingerprints:
+        raise SshError(f"{hop.known_hosts_name} offers {seen}, which is none of the keys "
+                       f"Proxmox made for it ({', '.join(fingerprints) or 'none logged'}); "
+                       "refusing to connect")
+    return _record(hop, key, config, replace=True)
+
+
+def _record(hop: Hop, key: paramiko.PKey, config: SshConfig, replace: bool) -> Trusted:
+    seen = fingerprint(key)
     path = config.known_hosts_file()
     keys = paramiko.HostKeys()
     if path.is_file():
@@ -214,10 +253,26 @@ def trust(hop: Hop, config: SshConfig, expect: str | None = None,
     if old is not None and not replace:
         raise ConflictError(f"{hop.known_hosts_name} already has another {key.get_name()} key "
                             f"({fingerprint(old)}) in {path}; pass --replace to swap it")
+    if replace and hop.known_hosts_name in keys:
+        del keys[hop.known_hosts_name]  # every key type of the host that was there before
     keys.add(hop.known_hosts_name, key.get_name(), key)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     keys.save(str(path))
     return Trusted(hop.known_hosts_name, key.get_name(), seen, str(path), False)
+
+
+def forget(hop: Hop, config: SshConfig) -> bool:
+    """Drop `hop`'s keys from zlh's known_hosts (its container is gone); True if any."""
+    path = config.known_hosts_file()
+    keys = paramiko.HostKeys()
+    if not path.is_file():
+        return False
+    keys.load(str(path))
+    if hop.known_hosts_name not in keys:
+        return False
+    del keys[hop.known_hosts_name]
+    keys.save(str(path))
+    return True
 
 
 # -- running -----------------------------------------------------------------------------
@@ -296,113 +351,6 @@ def _pump(channel: paramiko.Channel, stdin: int, stdout: int) -> None:
                 channel.shutdown_write()
             else:
                 channel.sendall(data)
-
-
-# -- pushing the agent -------------------------------------------------------------------
-
-
-def build_wheel(out_dir: Path) -> Path:
-    """A wheel of this project (zlh and agentd), built from the source checkout."""
-    source = Path(__file__).resolve().parents[1]
-    if not (source / "pyproject.toml").is_file():
-        raise NotFoundError(f"no source checkout at {source} to build the agent wheel from")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
-         "-w", str(out_dir), str(source)],
-        capture_output=True, text=True, check=False,
-    )
-    if done.returncode != 0:
-        raise ZlhError(f"building the agent wheel failed: {done.stderr.strip()[-400:]}")
-    return max(out_dir.glob("zlh-*.whl"), key=lambda p: p.stat().st_mtime)
-
-
-@dataclass(frozen=True)
-class Bootstrap:
-    wheel: str
-    config: str
-    token: str
-    pid: int | None
-
-
-def bootstrap_agent(conn: Connection, wheel: Path, config_yaml: str, token: str,
-                    root: str = "/", python: str = "python3", start: str = "systemd") -> Bootstrap:
-    """Push the wheel, the agent's config and its token (0600), then start the agent.
-
-    `start="systemd"` installs the wheel in a venv and enables a unit (real containers);
-    `start="direct"` runs it from the wheel with `python` (tests, no systemd).
-    """
-    base = root.rstrip("/")
-    sftp = conn.client.open_sftp()
-    try:
-        for folder in (AGENT_WHEEL_DIR, "etc/zlh", "var/lib/zlh", "var/log"):
-            _mkdirs(sftp, f"{base}/{folder}")
-        remote_wheel = f"{base}/{AGENT_WHEEL_DIR}/{wheel.name}"
-        sftp.put(str(wheel), remote_wheel)
-        config_path = f"{base}/etc/zlh/agentd.yaml"
-        _write(sftp, config_path, config_yaml, 0o644)
-        token_path = f"{base}/etc/zlh/agent.token"
-        _write(sftp, token_path, token, 0o600)
-    finally:
-        sftp.close()
-    pid = _start_agent(conn, remote_wheel, config_path, base, python, start)
-    return Bootstrap(remote_wheel, config_path, token_path, pid)
-
-
-def _mkdirs(sftp: paramiko.SFTPClient, path: str) -> None:
-    parts = [p for p in path.split("/") if p]
-    current = ""
-    for part in parts:
-        current += "/" + part
-        with suppress(OSError):  # exists already; a real failure shows at the put
-            sftp.mkdir(current, 0o755)
-
-
-def _write(sftp: paramiko.SFTPClient, path: str, text: str, mode: int) -> None:
-    """Write via a temporary name whose mode is set before any byte of the secret lands."""
-    temp = f"{path}.zlh-tmp"
-    with sftp.open(temp, "w") as handle:
-        sftp.chmod(temp, mode)
-        handle.write(text.encode())
-    sftp.posix_rename(temp, path)
-
-
-def _start_agent(conn: Connection, wheel: str, config: str, base: str, python: str,
-                 start: str) -> int | None:
-    if start == "direct":
-        command = (
-            f"cd {shlex.quote(base or '/')} && PYTHONPATH={shlex.quote(wheel)} setsid "
-            f"{shlex.quote(python)} -m agentd --config {shlex.quote(config)} "
-            f"</dev/null >>{shlex.quote(base + '/var/log/agentd.log')} 2>&1 & echo $!"
-        )
-    elif start == "systemd":
-        command = _systemd_script(wheel, config, python)
-    else:
-        raise UsageError(f"start must be systemd or direct, not {start!r}")
-    out, err = io.BytesIO(), io.BytesIO()
-    status = run(conn, command, out, err, timeout=600)
-    if status != 0:
-        raise SshError(f"starting the agent failed ({status}): {_text(err)[-400:]}")
-    return int(_text(out).split()[-1]) if start == "direct" else None
-
-
-def _text(buffer: io.BytesIO) -> str:
-    return buffer.getvalue().decode(errors="replace")
-
-
-def _systemd_script(wheel: str, config: str, python: str) -> str:
-    unit = (
-        "[Unit]\nDescription=zlh agent\nAfter=network-online.target\n\n"
-        f"[Service]\nExecStart=/opt/zlh/agent/bin/python -m agentd --config {config}\n"
-        "Restart=on-failure\nKillMode=process\n\n[Install]\nWantedBy=multi-user.target\n"
-    )
-    return " && ".join([
-        f"{shlex.quote(python)} -m venv /opt/zlh/agent",
-        f"/opt/zlh/agent/bin/pip install -q --upgrade {shlex.quote(wheel)}",
-        f"printf %s {shlex.quote(unit)} > /etc/systemd/system/zlh-agentd.service",
-        "systemctl daemon-reload",
-        "systemctl enable --now zlh-agentd",
-    ])
 
 
 @contextmanager

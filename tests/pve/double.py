@@ -23,6 +23,12 @@ call), `revoke_tickets()`.
 Backing: with `backing_root`, each container gets a folder `backing_root/VMID/` (its root
 file system). The SSH keys given at create land in `root/.ssh/authorized_keys`; stopping
 the container stops a local-provider agent running from that folder; a purge removes it.
+
+With `ssh_backing` (tests/ctfix.py), each container is a chroot with its own sshd that
+zlh reaches only over SSH: create makes it and logs its host keys' fingerprints as
+Proxmox does (`Creating SSH host key ...`, `done: SHA256:... root@HOSTNAME`), start and
+stop run and kill it, a snapshot copies it, a rollback restores the copy, a purge
+removes it; `/interfaces` answers with its address.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 from pve.schema import Schema, SchemaError, parse_property_string
 from pve.tls import TlsFiles, make_tls
@@ -68,6 +74,24 @@ class PveError(Exception):
 
 class TaskFailed(Exception):
     """Raised by a task's work: the task ends with this text as its exit status."""
+
+
+class SshBacking(Protocol):
+    """Containers that run for real, reached over SSH (tests/ctfix.py's ChrootCluster)."""
+
+    def address(self, vmid: int) -> str: ...
+
+    def create(self, vmid: int, hostname: str, authorized_keys: str) -> list[str]: ...
+
+    def start(self, vmid: int) -> None: ...
+
+    def stop(self, vmid: int) -> None: ...
+
+    def snapshot(self, vmid: int, name: str) -> None: ...
+
+    def rollback(self, vmid: int, name: str) -> None: ...
+
+    def destroy(self, vmid: int) -> None: ...
 
 
 @dataclass
@@ -147,6 +171,7 @@ class PveDouble:
         nodes: tuple[Node, ...] = (Node("pve1"), Node("pve2", mem=8 * GB)),
         backing_root: Path | None = None,
         task_seconds: float = 0.02,
+        ssh_backing: SshBacking | None = None,
     ) -> None:
         self.folder = folder
         self.schema = Schema()
@@ -160,6 +185,7 @@ class PveDouble:
         self.containers: dict[int, Container] = {}
         self.tasks: dict[str, Task] = {}
         self.backing_root = backing_root
+        self.ssh_backing = ssh_backing
         self.task_seconds = task_seconds
         self.ticket_lifetime = 7200.0
         self.interface_plan = ["link-local", "address"]
@@ -494,16 +520,26 @@ class PveDouble:
             keys = folder / "root/.ssh/authorized_keys"
             keys.parent.mkdir(parents=True, exist_ok=True)
             keys.write_text(ct.config.get("ssh-public-keys", ""))
+        if self.ssh_backing is not None:
+            hostname = ct.config.get("hostname", f"CT{ct.vmid}")
+            made = self.ssh_backing.create(ct.vmid, hostname,
+                                           ct.config.get("ssh-public-keys", ""))
+            for kind, fingerprint in zip(("ed25519", "ecdsa"), made, strict=False):
+                created = f"Creating SSH host key 'ssh_host_{kind}_key' - this may take " \
+                    "some time ..."
+                task.log += [created, f"done: {fingerprint} root@{hostname}"]
         with self._lock:
             ct.lock = None
-            if start:
-                self._set_running(ct)
+        if start:
+            self._set_running(ct)
 
     def _forget(self, ct: Container) -> None:
         with self._lock:
             if self.containers.get(ct.vmid) is ct:
                 del self.containers[ct.vmid]
                 self.nodes[ct.node].mem -= ct.memory_bytes
+        if self.ssh_backing is not None:
+            self.ssh_backing.destroy(ct.vmid)
         folder = self._backing(ct.vmid)
         if folder is not None and folder.exists():
             shutil.rmtree(folder)
@@ -533,6 +569,8 @@ class PveDouble:
                            lambda task: self._set_running(ct))
 
     def _set_running(self, ct: Container) -> None:
+        if self.ssh_backing is not None:
+            self.ssh_backing.start(ct.vmid)
         with self._lock:
             ct.status = "running"
             ct.interface_calls = 0
@@ -551,6 +589,8 @@ class PveDouble:
             from zlh.providers.local import LocalProvider
 
             LocalProvider(self.backing_root).stop_agent(str(ct.vmid), timeout=20.0)
+        if self.ssh_backing is not None:
+            self.ssh_backing.stop(ct.vmid)
         with self._lock:
             ct.status = "stopped"
 
@@ -604,6 +644,8 @@ class PveDouble:
         """A backed container answers on loopback; others get a static or a 127.77.x.y one."""
         if self.backing_root is not None:
             return "127.0.0.1"
+        if self.ssh_backing is not None:
+            return self.ssh_backing.address(ct.vmid)
         net = parse_property_string(ct.config.get("net0", ""))
         if net.get("ip", "dhcp") not in ("dhcp", "manual"):
             return net["ip"].split("/")[0]
@@ -628,6 +670,8 @@ class PveDouble:
             ct.lock = "snapshot"
 
         def work(task: Task) -> None:
+            if self.ssh_backing is not None:
+                self.ssh_backing.snapshot(ct.vmid, name)
             with self._lock:
                 ct.snapshots[name] = {"description": params.get("description", ""),
                                       "snaptime": int(time.time()),
@@ -646,11 +690,18 @@ class PveDouble:
         self._check_lock(ct, params)
         snapshot = self._known_snapshot(ct, params["snapname"])
 
+        start = params.get("start") in ("1", "true")
+
         def work(task: Task) -> None:
+            # As Proxmox does: a running container is stopped first; `start` starts it after.
             if ct.status == "running":
                 self._set_stopped(ct)
+            if self.ssh_backing is not None:
+                self.ssh_backing.rollback(ct.vmid, params["snapname"])
             with self._lock:
                 ct.config = dict(snapshot["config"])
+            if start:
+                self._set_running(ct)
 
         return self._spawn(ct.node, "vzrollback", str(ct.vmid), user, work)
 

@@ -7,6 +7,7 @@ its files, its console) goes through the agent.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -37,6 +38,27 @@ class AgentProcess:
     create_time: float
 
 
+class ServerFiles(Protocol):
+    """A container's server root as provisioning fills it, on this machine or over SSH.
+
+    `root` is the server root as the container's processes see it (what playbook
+    templates get as `${root}`); `rel` paths are relative to it.
+    """
+
+    root: str
+
+    def write_text(self, rel: str, text: str) -> None:
+        ...
+
+    def put(self, local: Path, rel: str) -> None:
+        """Copy a file, or a folder's whole tree, from this machine to `rel`."""
+        ...
+
+    def has(self, path: str) -> bool:
+        """True when the absolute path `path` exists in the container (a system program)."""
+        ...
+
+
 class Provider(Protocol):
     name: str
 
@@ -50,6 +72,10 @@ class Provider(Protocol):
 
     def server_root(self, name: str) -> Path:
         """Where the game server's files go (the container's /srv/zlh)."""
+        ...
+
+    def server_files(self, name: str) -> AbstractContextManager[ServerFiles]:
+        """The server root to write artifacts and rendered files into."""
         ...
 
     def start_agent(self, name: str, timeout: float) -> AgentProcess:

@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import yaml
@@ -69,6 +70,9 @@ class LocalProvider:
 
     def address(self, name: str) -> str:
         return LOOPBACK
+
+    def server_files(self, name: str) -> AbstractContextManager[LocalServerFiles]:
+        return nullcontext(LocalServerFiles(self.server_root(name)))
 
     def create(self, name: str, agent_port: int) -> str:
         """Lay out the folder and the agent's config; keeps an existing token."""
@@ -213,6 +217,32 @@ class LocalProvider:
 
     def kill_leftover(self, pid: int, started_at: float | None) -> bool:
         return kill_process(pid, started_at)
+
+
+class LocalServerFiles:
+    """A server root that is a folder on this machine."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.root = str(path)
+
+    def write_text(self, rel: str, text: str) -> None:
+        target = self.path / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+
+    def put(self, local: Path, rel: str) -> None:
+        target = self.path / rel
+        if local.is_dir():
+            from zlh.npmcache import link_tree
+
+            link_tree(local, target)  # hard links: the source is a verified cache entry
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local, target)
+
+    def has(self, path: str) -> bool:
+        return Path(path).exists()
 
 
 def _create_time(pid: int) -> float:

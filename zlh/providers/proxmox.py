@@ -12,12 +12,16 @@ Creating one:
    a link-local address, then the real one);
 6. bootstrap the agent.
 
-Bootstrap: when `proxmox.backing_root` is set, a container's root file system is a
-folder on this machine (the test cluster, demos), and the agent is laid out and run there
-by the local provider's machinery, while every Proxmox call still goes through the API.
-On a real cluster the agent goes in over SSH (zlh.ssh.bootstrap_agent); installing
-playbook artifacts into a remote container over SSH is not built yet, so provisioning a
-game server needs the backed mode until it is.
+Inside the container, everything goes over SSH (zlh/providers/remote.py), through the
+bastion when one is configured: the container's host key is recorded when it is one of
+those the create task logged (`done: SHA256:...`), never on first sight; then the agent's
+config and token, the playbook's artifacts and files, the agent itself (a wheel of this
+project, started by systemd or directly). zlh reaches the agent, which listens on the
+container's loopback only, through the same SSH path (zlh/tunnel.py).
+
+When `proxmox.backing_root` is set, a container's root file system is instead a folder on
+this machine (demos), and its agent is laid out and run there by the local provider's
+machinery, while every Proxmox call still goes through the API.
 """
 
 from __future__ import annotations
@@ -26,17 +30,28 @@ import ipaddress
 import logging
 import random
 import re
+import secrets
+import shutil
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from zlh import ssh as zssh
 from zlh.errors import NotFoundError, ProvisionError, UsageError
-from zlh.opconfig import ProxmoxConfig
-from zlh.providers.base import AgentEndpoint, AgentProcess
+from zlh.inventory import read_secret, write_secret
+from zlh.opconfig import ProxmoxConfig, SshConfig
+from zlh.providers import remote
+from zlh.providers.base import AgentEndpoint, AgentProcess, ServerFiles
+from zlh.providers.remote import RemoteContainer
 from zlh.pve import ProxmoxError, PveClient
+from zlh.ssh import Hop
 
 if TYPE_CHECKING:
+    import httpx
+
+    from zlh.inventory import Server
     from zlh.playbooks import Playbook, Resources
     from zlh.providers.local import LocalProvider
 
@@ -47,6 +62,9 @@ VMID_ATTEMPTS = 20
 # Proxmox's pve-configid format, which snapshot names must have.
 SNAPSHOT_NAME = re.compile(r"[a-z][a-z0-9_]+")
 ADDRESS_POLL_MAX_S = 2.0
+SSHD_POLL_S = 0.2
+HOST_KEYS = "host-keys"
+HOST_KEY_LINE = re.compile(r"done: (SHA256:[A-Za-z0-9+/]{43})\b")
 
 
 @dataclass(frozen=True)
@@ -73,11 +91,13 @@ class ProxmoxProvider:
         config: ProxmoxConfig,
         playbook: Playbook | None = None,
         client: PveClient | None = None,
+        ssh: SshConfig | None = None,
     ) -> None:
         self.home = home
         self.config = config
         self.playbook = playbook
         self.client = client or PveClient(config)
+        self._ssh = ssh
         self._addresses: dict[str, str] = {}
 
     # -- finding and placing ----------------------------------------------------------
@@ -195,7 +215,17 @@ class ProxmoxProvider:
         self._check_template(node)
         vmid, upid = self._create_with_free_vmid(node, params)
         self.client.wait_task(upid)
+        if self.over_ssh:
+            self._keep_host_keys(name, self.client.task_log(upid))
         return Container(vmid, node, name, "stopped", tuple(params["tags"].split(";")))
+
+    def _keep_host_keys(self, name: str, log_lines: list[str]) -> None:
+        """The fingerprints the create task logged: the only keys the container's sshd
+        will be trusted with."""
+        folder = self._local(name)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (folder / HOST_KEYS).write_text("".join(f"{fp}\n" for fp in
+                                                host_key_fingerprints(log_lines)))
 
     def _create_with_free_vmid(self, node: str, params: dict[str, Any]) -> tuple[int, str]:
         taken: set[int] = set()
@@ -288,51 +318,168 @@ class ProxmoxProvider:
         self._addresses.pop(name, None)
 
     # -- the Provider interface -------------------------------------------------------
+    #
+    # Over SSH (the normal path, `proxmox.backing_root` unset) zlh keeps what it needs
+    # about a container in $ZLH_HOME/proxmox/NAME/: the agent's token (0600) and the
+    # host key fingerprints the create task logged.
+
+    @property
+    def over_ssh(self) -> bool:
+        return self.config.backing_root is None
+
+    @property
+    def agent_in_container(self) -> bool:
+        return self.over_ssh
+
+    @property
+    def ssh(self) -> SshConfig:
+        if self._ssh is None:
+            from zlh import opconfig
+
+            self._ssh = opconfig.load().ssh
+        return self._ssh
 
     def _backing(self) -> LocalProvider:
         from zlh.providers.local import LocalProvider
 
-        if self.config.backing_root is None:
-            raise ProvisionError(
-                "installing the agent and artifacts into a Proxmox container needs "
-                "proxmox.backing_root (folders on this machine); over SSH only the agent "
-                "bootstrap is built (zlh.ssh.bootstrap_agent)"
-            )
+        assert self.config.backing_root is not None
         return LocalProvider(self.config.backing_root)
 
     def _key(self, name: str) -> str:
         """The backing folder's name: the container's vmid."""
         return str(self._get(name).vmid)
 
+    def _local(self, name: str) -> Path:
+        return self.home / "proxmox" / name
+
+    def _hop(self, address: str) -> Hop:
+        return Hop(self.ssh.user, address, self.ssh.port)
+
+    def _remote(self, name: str) -> RemoteContainer:
+        address = self.address(name)
+        if not address:
+            raise ProvisionError(f"container {name} is not running (no address)")
+        return RemoteContainer(self._hop(address), self.ssh, self.config.agent_python)
+
     def create(self, name: str, agent_port: int) -> str:
+        if self.over_ssh and self.playbook is not None and self.playbook.dev is not None:
+            raise ProvisionError(f"playbook {self.playbook.name} is a dev container: its "
+                                 "IDE and sshd files are not written over SSH yet; use "
+                                 "the local provider or proxmox.backing_root")
         container = self.create_container(name)
         self.start(name)
-        self.wait_address(name)
-        self._backing().create(str(container.vmid), agent_port)
+        address = self.wait_address(name)
+        if not self.over_ssh:
+            self._backing().create(str(container.vmid), agent_port)
+        else:
+            self._trust(name, address)
+            token_file = self.token_path(name)
+            if not token_file.is_file():
+                write_secret(token_file, secrets.token_urlsafe(32))
+            self._remote(name).lay_out(agent_port, read_secret(token_file))
         return f"{container.node}/{container.vmid}"
 
+    def _trust(self, name: str, address: str) -> None:
+        """Record the container's host key, checked against the fingerprints its create
+        task logged; wait for its sshd while it starts."""
+        hop = self._hop(address)
+        try:
+            logged = (self._local(name) / HOST_KEYS).read_text().split()
+        except FileNotFoundError:
+            raise ProvisionError(
+                f"no record of the host keys Proxmox made for {name} (the run that created "
+                f"it stopped before keeping them); check its key in the Proxmox console and "
+                f"run `zlh ssh trust {address}:{hop.port}`, or delete it") from None
+        deadline = time.monotonic() + self.config.address_timeout
+        while True:
+            try:
+                zssh.trust_verified(hop, self.ssh, logged)
+                return
+            except zssh.SshUnreachable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(SSHD_POLL_S)
+
     def token_path(self, name: str) -> Path:
+        if self.over_ssh:
+            return self._local(name) / "agent.token"
         return self._backing().token_path(self._key(name))
 
     def server_root(self, name: str) -> Path:
+        if self.over_ssh:
+            return Path(remote.SERVER_ROOT)  # the container's, not this machine's
         return self._backing().server_root(self._key(name))
 
+    def server_files(self, name: str) -> AbstractContextManager[ServerFiles]:
+        if self.over_ssh:
+            return self._remote(name).server_files()
+        return self._backing().server_files(self._key(name))
+
     def start_agent(self, name: str, timeout: float) -> AgentProcess:
-        return self._backing().start_agent(self._key(name), timeout)
+        if not self.over_ssh:
+            return self._backing().start_agent(self._key(name), timeout)
+        from zlh import records
+
+        port = records.get(name).agent_port
+        if port is None:
+            raise ProvisionError(f"server {name} has no agent port recorded")
+        wheel = remote.agent_wheel(self.home / "cache")
+        container = self._remote(name)
+        with container.session() as conn:
+            if container.find_agent(conn) is None:
+                how = container.launch(conn, wheel)
+                log.info("agent of %s launched (%s)", name, how)
+            container.wait_healthy(conn, port, timeout)
+            found = container.find_agent(conn)
+        if found is None:
+            raise ProvisionError(f"the agent of {name} answers, but its process is not found")
+        return found[0]
+
+    def agent_process(self, name: str) -> AgentProcess | None:
+        if not self.over_ssh:
+            container = self.find(name)
+            return None if container is None else \
+                self._backing().agent_process(str(container.vmid))
+        if not self._running(name):
+            return None
+        inside = self._remote(name)
+        with inside.session() as conn:
+            found = inside.find_agent(conn)
+        return found[0] if found else None
 
     def agent_running(self, name: str) -> bool:
-        container = self.find(name)
-        if container is None or self.config.backing_root is None:
+        try:
+            return self.agent_process(name) is not None
+        except zssh.SshError as exc:
+            log.warning("cannot ask the container of %s for its agent: %s", name, exc)
             return False
-        return self._backing().agent_running(str(container.vmid))
 
-    def stop_agent(self, name: str, timeout: float) -> None:
-        self._backing().stop_agent(self._key(name), timeout)
+    def stop_agent(self, name: str, timeout: float, detach: bool = False) -> None:
+        if not self.over_ssh:
+            self._backing().stop_agent(self._key(name), timeout, detach)
+            return
+        if not self._running(name):
+            return
+        container = self._remote(name)
+        with container.session() as conn:
+            container.stop_agent(conn, timeout, detach)
+
+    def _running(self, name: str) -> bool:
+        found = self.find(name)
+        return found is not None and found.status == "running"
 
     def delete(self, name: str) -> None:
+        address = self._addresses.get(name) or (self.address(name) if self.over_ssh else "")
         self.delete_container(name)
+        if self.over_ssh:
+            if address:
+                zssh.forget(self._hop(address), self.ssh)  # the next container there is new
+            if self._local(name).exists():
+                shutil.rmtree(self._local(name))
 
     def kill_leftover(self, pid: int, started_at: float | None) -> bool:
+        if self.over_ssh:
+            return False  # the container's stop at delete takes every process with it
         return self._backing().kill_leftover(pid, started_at)
 
     def exists(self, name: str) -> bool:
@@ -342,6 +489,12 @@ class ProxmoxProvider:
         return self.exists(name)
 
     def endpoint(self, name: str) -> AgentEndpoint:
+        if self.over_ssh:
+            from zlh import records
+
+            record = records.get(name)
+            return AgentEndpoint(self.address(name), int(record.agent_port or 0),
+                                 read_secret(self.token_path(name)))
         local = self._backing().endpoint(self._key(name))
         return AgentEndpoint(self.address(name), local.port, local.token)
 
@@ -353,6 +506,24 @@ class ProxmoxProvider:
         if container is None or container.status != "running":
             return ""
         return self.wait_address(name)
+
+
+def agent_transport(record: Server) -> httpx.BaseTransport | None:
+    """How zlh reaches the agent of a server on this provider: through SSH (its sshd,
+    via the bastion when configured), unless containers are folders on this machine."""
+    from zlh import opconfig
+    from zlh.tunnel import SshTransport
+
+    config = opconfig.load()
+    if config.proxmox is not None and config.proxmox.backing_root is not None:
+        return None
+    hop = Hop(config.ssh.user, record.address or "", config.ssh.port)
+    return SshTransport(hop, config.ssh)
+
+
+def host_key_fingerprints(log_lines: list[str]) -> list[str]:
+    """The host keys a create task made, as its log says: `done: SHA256:... root@NAME`."""
+    return [m.group(1) for m in map(HOST_KEY_LINE.match, log_lines) if m]
 
 
 def pick_address(interfaces: list[dict[str, Any]] | None) -> str | None:

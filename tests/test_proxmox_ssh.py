@@ -1,0 +1,286 @@
+"""The proxmox provider's normal path: containers that zlh reaches only over SSH.
+
+The Proxmox double's containers are chroots with their own sshd (tests/ctfix.py) on
+127.77.X.Y, behind a bastion (a real sshd, as everything here). zlh is told the Proxmox
+API, the bastion, the sshd port and the operator's key; it learns each container's
+address from `/interfaces` and its host key from the create task's log. Provisioning,
+status, console, ssh, snapshots and delete all run through the `zlh` program.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paramiko
+import pytest
+import yaml
+from components import free_port, minetest_server, wait_until
+from ctfix import ChrootCluster, ChrootContainer, address_of, install_program
+from pve import PveDouble
+from pve.double import DEFAULT_TEMPLATE
+from sshfix import Sshd, keygen
+
+from zlh import ssh as zssh
+from zlh.inventory import Inventory, write_secret
+from zlh.opconfig import SshConfig
+from zlh.providers import remote
+from zlh.providers.remote import AgentCommand, RemoteContainer, agent_wheel, unit_text
+
+pytestmark = pytest.mark.slow
+
+ZLH = [sys.executable, "-c", "from zlh.cli import main; main()"]
+PYTHON = os.path.abspath(sys.executable)  # the venv's, as the containers see it mounted
+PROVISION_TIMEOUT = 240
+
+
+@dataclass
+class SshCluster:
+    tmp: Path
+    pve: PveDouble
+    cts: ChrootCluster
+    bastion: Sshd
+    env: dict[str, str]
+    names: set[str] = field(default_factory=set)
+
+    def zlh(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*ZLH, *args], env=self.env, capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=timeout, check=False)
+
+    def provision(self, name: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        self.names.add(name)
+        return self.zlh("provision", "--provider", "proxmox", "minetest", name, "--json",
+                        *extra, timeout=PROVISION_TIMEOUT)
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([*ZLH, *args], env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+
+    def game(self, name: str) -> dict[str, Any]:
+        done = self.zlh("status", name, "--json")
+        assert done.returncode == 0, done.stderr
+        [game] = [p for p in json.loads(done.stdout)["processes"] if p["kind"] == "game"]
+        return game
+
+    def folder(self, vmid: int) -> Path:
+        return self.cts.root / str(vmid)
+
+    def forwarded_to(self, address: str) -> int:
+        """How many channels the bastion opened to `address`'s sshd."""
+        text = (self.bastion.folder / "sshd.log").read_text(errors="replace")
+        return text.count(f"target {address} port {self.cts.port}")
+
+
+@pytest.fixture
+def ssh_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SshCluster]:
+    minetest_server()
+    key = keygen(tmp_path / "id_ed25519", "operator")
+    # DEBUG1: the bastion logs each direct-tcpip channel it opens, and where to.
+    bastion = Sshd(tmp_path / "bastion", key, bastion=True, extra=("LogLevel DEBUG1",))
+    bastion.start()
+    cts = ChrootCluster(tmp_path / "cts", free_port())
+    env = {**os.environ, "ZLH_HOME": str(tmp_path / "home"),
+           "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    env.pop("ZLH_DEBUG", None)
+    monkeypatch.setenv("ZLH_HOME", env["ZLH_HOME"])
+    monkeypatch.setenv("XDG_CONFIG_HOME", env["XDG_CONFIG_HOME"])
+    try:
+        with PveDouble(tmp_path / "pve", ssh_backing=cts) as double:
+            _write_config(tmp_path, double, bastion, cts, key)
+            cluster = SshCluster(tmp_path, double, cts, bastion, env)
+            trusted = cluster.zlh("ssh", "trust", f"127.0.0.1:{bastion.port}")
+            assert trusted.returncode == 0, trusted.stderr
+            try:
+                yield cluster
+            finally:
+                for name in sorted(cluster.names):
+                    cluster.zlh("delete", name, "--yes", timeout=180)
+                cts.stop_all()  # a backstop when a delete failed
+    finally:
+        for vmid in list(cts.containers):
+            cts.destroy(vmid)
+        bastion.stop()
+
+
+def _write_config(tmp: Path, double: PveDouble, bastion: Sshd, cts: ChrootCluster,
+                  key: Path) -> None:
+    secret = tmp / "pve-token"
+    write_secret(secret, double.add_token("root@pam", "zlh"))
+    config = {
+        "proxmox": {
+            "host": "127.0.0.1", "port": double.port, "user": "root@pam", "token_id": "zlh",
+            "token_secret_file": str(secret), "verify": str(double.ca_path),
+            "template": DEFAULT_TEMPLATE, "ssh_public_key_file": f"{key}.pub",
+            "address_timeout": 30, "agent_python": PYTHON,
+        },
+        "ssh": {"bastion": f"root@127.0.0.1:{bastion.port}", "identity": str(key),
+                "known_hosts": str(tmp / "known_hosts"), "user": "root", "port": cts.port},
+    }
+    (tmp / "xdg/zlh").mkdir(parents=True)
+    (tmp / "xdg/zlh/config.yaml").write_text(yaml.safe_dump(config))
+
+
+def _everything_under(folder: Path) -> str:
+    texts = []
+    for path in folder.rglob("*"):
+        if path.is_file():
+            texts.append(path.read_bytes().decode(errors="replace"))
+    return "\n".join(texts)
+
+
+def test_provision_over_ssh_reaches_a_ready_server_and_delete_removes_it(
+    ssh_cluster: SshCluster,
+) -> None:
+    cluster = ssh_cluster
+    address = address_of(100)
+
+    done = cluster.provision("mt1", "--set", "server_name=over-ssh")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert (result["name"], result["address"]) == ("mt1", address)
+
+    # The game runs inside the container, started by an agent that runs there too.
+    game = cluster.game("mt1")
+    assert game["ready"] is True and game["state"] == "running"
+    inside = cluster.cts.containers[100].processes()
+    assert game["pid"] in inside
+    console = cluster.zlh("console", "mt1", "--lines", "50")
+    assert console.returncode == 0, console.stderr
+    assert 'Server for gameid="minetest" listening on' in console.stdout
+
+    # What zlh wrote is in the container's own file system, and it got there over SSH.
+    root = cluster.folder(100)
+    config = yaml.safe_load((root / "etc/zlh/agentd.yaml").read_text())
+    assert (config["server_root"], config["bind"]) == ("/srv/zlh", "127.0.0.1")
+    assert (root / "etc/zlh/agent.token").stat().st_mode & 0o777 == 0o600
+    assert "server_name = over-ssh" in (root / "srv/zlh/minetest.conf").read_text()
+    assert not Path("/srv/zlh/minetest.conf").exists()
+    assert str(cluster.cts.root) not in _everything_under(cluster.tmp / "home")
+    assert str(cluster.cts.root) not in (cluster.tmp / "xdg/zlh/config.yaml").read_text()
+    assert cluster.forwarded_to(address) >= 5  # trust, layout, files, agent, its API
+
+    # The host key came from the create task's log, and no other.
+    logged = cluster.pve.params_of("GET", "/log")
+    assert logged, "the create task's log was never read"
+    known = paramiko.HostKeys(str(cluster.tmp / "known_hosts"))
+    assert known.lookup(f"[{address}]:{cluster.cts.port}") is not None
+
+    gone = cluster.zlh("delete", "mt1", "--yes", timeout=180)
+    assert gone.returncode == 0, gone.stderr
+    cluster.names.discard("mt1")
+    assert cluster.pve.containers == {} and not root.exists()
+    assert not any(pid for pid in inside if Path(f"/proc/{pid}").exists() and
+                   Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z")
+    known = paramiko.HostKeys(str(cluster.tmp / "known_hosts"))
+    assert known.lookup(f"[{address}]:{cluster.cts.port}") is None
+
+
+def test_a_provision_cut_off_after_a_step_resumes_over_ssh(ssh_cluster: SshCluster) -> None:
+    cluster = ssh_cluster
+    cluster.names.add("mt2")
+    first = cluster.popen("provision", "--provider", "proxmox", "minetest", "mt2")
+
+    def step() -> str | None:
+        with Inventory() as inventory:
+            found = inventory.find("mt2")
+        return found.step if found else None
+
+    try:
+        wait_until(lambda: step() not in (None, "registered"), 120,
+                   "the container to be created")
+    finally:
+        first.kill()  # as a machine that loses power
+        first.wait(timeout=30)
+    cut_at = step()
+    assert cut_at != "ready"
+
+    again = cluster.provision("mt2")
+    assert again.returncode == 0, f"cut after {cut_at}: {again.stderr}"
+    assert json.loads(again.stdout)["resumed"] is True
+    assert list(cluster.pve.containers) == [100]
+    assert cluster.game("mt2")["ready"] is True
+
+    # Every step again, from the container on: each one is idempotent over SSH too.
+    with Inventory() as inventory:
+        inventory.update("mt2", step="container-created", status="provisioning")
+    third = cluster.provision("mt2")
+    assert third.returncode == 0, third.stderr
+    assert list(cluster.pve.containers) == [100]
+    assert cluster.game("mt2")["ready"] is True
+
+
+# -- the agent's start: systemd or direct -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return agent_wheel(tmp_path_factory.mktemp("cache"))
+
+
+RECORDING_SYSTEMCTL = """#!/bin/sh
+# Records its arguments, one call a line; starts nothing.
+echo "$*" >> /var/log/systemctl.calls
+"""
+
+
+@pytest.mark.parametrize("systemd", [True, False], ids=["systemd-init", "no-systemd"])
+def test_the_agent_is_started_by_systemd_only_where_systemd_is_init(
+    tmp_path: Path, wheel: Path, systemd: bool,
+) -> None:
+    key = keygen(tmp_path / "id_ed25519", "operator")
+    ct = ChrootContainer(tmp_path / "ct", address_of(150), free_port(), systemd=systemd)
+    fingerprints = ct.create("ct150", Path(f"{key}.pub").read_text())
+    # The same systemctl in both: only systemd as init makes zlh call it.
+    install_program(ct, "systemctl", RECORDING_SYSTEMCTL)
+    ct.start()
+    try:
+        config = SshConfig(identity=key, known_hosts=tmp_path / "known_hosts", port=ct.port)
+        hop = zssh.Hop("root", ct.address, ct.port)
+        zssh.trust_verified(hop, config, fingerprints)
+        container = RemoteContainer(hop, config, agent_python=PYTHON)
+        port = free_port()
+        container.lay_out(port, "t0ken-" + "x" * 30)
+        with container.session() as conn:
+            how = container.launch(conn, wheel)
+            calls = ct.folder / "var/log/systemctl.calls"
+            if systemd:
+                assert how == "systemd"
+                assert calls.read_text().splitlines() == [
+                    "daemon-reload", f"enable --now {remote.UNIT}"]
+                unit = (ct.folder / remote.UNIT_PATH.lstrip("/")).read_text()
+                assert unit == unit_text(AgentCommand(PYTHON, remote.SITE))
+                assert not (ct.folder / remote.PID_FILE.lstrip("/")).exists()
+                return
+            assert how == "direct" and not calls.exists()
+            container.wait_healthy(conn, port, 30)
+            found = container.find_agent(conn)
+            assert found is not None and found[1] == "direct"
+            assert found[0].pid in ct.processes()
+            container.stop_agent(conn, timeout=30, detach=False)
+            assert container.find_agent(conn) is None
+    finally:
+        ct.destroy()
+
+
+def test_the_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    if shutil.which("systemd-analyze") is None:
+        pytest.fail("systemd-analyze is missing: apt-get install -y systemd "
+                    "(bash .ci/setup installs it)", pytrace=False)
+    unit = tmp_path / remote.UNIT
+    unit.write_text(unit_text(AgentCommand(PYTHON, remote.SITE)))
+    done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                          text=True, check=False)
+    assert (done.returncode, done.stdout + done.stderr) == (0, "")
+
+    # The check bites: a misspelt setting is reported.
+    unit.write_text(unit.read_text().replace("KillMode=process", "KillMode=proces"))
+    bad = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                         text=True, check=False)
+    assert "Failed to parse kill mode specification" in bad.stderr
