@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -178,7 +179,7 @@ exec chroot "$R" {SSHD} -D -e -f /etc/ssh/sshd_config
 
     def copy_to(self, target: Path) -> None:
         self.check_unmounted()
-        shutil.copytree(self.folder, target, symlinks=True)
+        shutil.copytree(self.folder, target, symlinks=True, ignore=_sockets)
 
     def restore_from(self, source: Path) -> None:
         assert not self.processes(), "restore of a running container"
@@ -191,6 +192,11 @@ exec chroot "$R" {SSHD} -D -e -f /etc/ssh/sshd_config
         self.check_unmounted()
         if self.folder.exists():
             shutil.rmtree(self.folder)
+
+
+def _sockets(folder: str, names: list[str]) -> list[str]:
+    """Sockets are not copied: nothing listens on them after a restore."""
+    return [n for n in names if stat.S_ISSOCK(os.lstat(os.path.join(folder, n)).st_mode)]
 
 
 class ChrootCluster:

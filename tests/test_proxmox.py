@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -226,7 +227,7 @@ def test_power_snapshot_rollback_and_delete(cluster: Cluster) -> None:
     with pytest.raises(UsageError, match="no '-'"):
         provider.snapshot("mt1", "before-update")
     provider.snapshot("mt1", "before_update", "zlh test")
-    assert provider.snapshots("mt1") == ["before_update"]
+    assert [s.name for s in provider.snapshots("mt1")] == ["before_update"]
     provider.shutdown("mt1")
     assert provider.find("mt1").status == "stopped"  # type: ignore[union-attr]
     provider.start("mt1")
@@ -326,3 +327,82 @@ def test_zlh_provision_with_the_proxmox_provider_reaches_a_ready_server(
     assert gone.returncode == 0, gone.stderr
     assert backed.pve.containers == {}
     assert not (backed.tmp / "rootfs/100").exists()
+
+
+# -- templates and snapshots through the CLI ----------------------------------------------
+
+
+def _cli(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "ZLH_HOME": str(cluster.tmp / "home"),
+           "XDG_CONFIG_HOME": str(cluster.write_config_file())}
+    return subprocess.run([*ZLH, *args], env=env, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=60, check=False)
+
+
+def test_zlh_templates_lists_each_online_node_or_the_one_asked(cluster: Cluster) -> None:
+    cluster.pve.add_template("local:vztmpl/alpine-3.19-default_20240207_amd64.tar.xz")
+    every = _cli(cluster, "templates", "--json")
+    assert every.returncode == 0, every.stderr
+    found = [(t["node"], t["volid"]) for t in json.loads(every.stdout)]
+    assert found == [(node, volid) for node in ("pve1", "pve2") for volid in
+                     ("local:vztmpl/alpine-3.19-default_20240207_amd64.tar.xz",
+                      DEFAULT_TEMPLATE)]  # pve3 is offline
+
+    one = _cli(cluster, "templates", "--node", "pve1", "--storage", "local")
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.splitlines()[0].split() == ["NODE", "TEMPLATE", "SIZE", "FORMAT"]
+    assert [line.split() for line in one.stdout.splitlines()[1:]] == [
+        ["pve1", "local:vztmpl/alpine-3.19-default_20240207_amd64.tar.xz", "120.2", "MiB",
+         "tzst"],
+        ["pve1", DEFAULT_TEMPLATE, "120.2", "MiB", "tzst"]]
+
+    missing = _cli(cluster, "templates", "--storage", "nfs-templates")
+    assert (missing.returncode, missing.stderr) == (8, (
+        "zlh: error: Proxmox: GET nodes/pve1/storage/nfs-templates/content: storage "
+        "'nfs-templates' does not exist\n"))
+
+
+def test_snapshots_of_a_local_server_are_refused_clearly(cluster: Cluster) -> None:
+    from zlh.inventory import Inventory, Server
+
+    with Inventory() as inventory:
+        inventory.add(Server(name="here", playbook="minetest", provider="local",
+                             address="127.0.0.1", step="ready", status="ready"))
+    for args in (("snapshot", "here"), ("snapshot", "list", "here"),
+                 ("rollback", "here", "before")):
+        done = _cli(cluster, *args)
+        assert (done.returncode, done.stderr) == (2, (
+            "zlh: error: server here is on the local provider, which keeps no snapshots; "
+            "`zlh backup run here` keeps its world\n")), args
+
+
+def test_snapshot_names_and_listing_through_the_cli(cluster: Cluster) -> None:
+    from zlh.inventory import Inventory, Server
+
+    cluster.provider().create_container("mt1")
+    with Inventory() as inventory:
+        inventory.add(Server(name="mt1", playbook="minetest", provider="proxmox",
+                             address="", step="ready", status="ready"))
+    bad = _cli(cluster, "snapshot", "mt1", "before-update")
+    assert (bad.returncode, bad.stderr) == (2, (
+        "zlh: error: invalid snapshot name 'before-update': Proxmox wants a letter, then "
+        "letters, digits or '_' (no '-')\n"))
+    named = _cli(cluster, "snapshot", "mt1", "first", "-d", "before the update")
+    dated = _cli(cluster, "snapshot", "mt1", "--json")
+    assert named.returncode == 0 and dated.returncode == 0, named.stderr + dated.stderr
+    taken = json.loads(dated.stdout)["snapshot"]
+    assert re.fullmatch(r"zlh_\d{8}_\d{6}", taken)
+
+    listed = json.loads(_cli(cluster, "snapshot", "list", "mt1", "--json").stdout)
+    assert [(s["name"], s["description"]) for s in listed] == [
+        ("first", "before the update"), (taken, "taken by zlh of server mt1")]
+    table = _cli(cluster, "snapshot", "list", "mt1").stdout
+    assert table.splitlines()[0].split() == ["SNAPSHOT", "TAKEN", "DESCRIPTION"]
+    assert "first" in table and "before the update" in table
+
+    # A stopped container is rolled back and stays stopped.
+    back = _cli(cluster, "rollback", "mt1", "first")
+    assert back.stdout == "mt1: rolled back to first; the container stays stopped\n", \
+        back.stderr
+    [rollback] = cluster.pve.params_of("POST", "/snapshot/first/rollback")
+    assert rollback.get("start", "0") == "0"

@@ -216,6 +216,37 @@ def test_a_provision_cut_off_after_a_step_resumes_over_ssh(ssh_cluster: SshClust
     assert cluster.game("mt2")["ready"] is True
 
 
+def test_snapshot_rollback_and_ssh_through_the_cli(ssh_cluster: SshCluster) -> None:
+    cluster = ssh_cluster
+    assert cluster.provision("mt3").returncode == 0
+
+    made = cluster.zlh("snapshot", "mt3", "before_change")
+    assert made.returncode == 0, made.stderr
+    assert made.stdout == "mt3: snapshot before_change taken\n"
+    listed = cluster.zlh("snapshot", "list", "mt3", "--json")
+    assert [s["name"] for s in json.loads(listed.stdout)] == ["before_change"]
+
+    changed = cluster.zlh("ssh", "mt3", "--", "touch", "/srv/zlh/marker")
+    assert changed.returncode == 0, changed.stderr
+    assert (cluster.folder(100) / "srv/zlh/marker").exists()
+    old_pid = cluster.game("mt3")["pid"]
+
+    back = cluster.zlh("rollback", "mt3", "before_change", timeout=180)
+    assert back.returncode == 0, back.stderr
+    assert back.stdout.startswith("mt3: rolled back to before_change; container started, "
+                                  "agent pid ")
+    # The container stopped and started again: the agent brought the game back up.
+    wait_until(lambda: cluster.game("mt3")["ready"], 60, "the game after the rollback")
+    assert cluster.game("mt3")["pid"] != old_pid
+    gone = cluster.zlh("ssh", "mt3", "--", "test", "-e", "/srv/zlh/marker")
+    assert gone.returncode == 1, gone.stderr
+
+    unknown = cluster.zlh("rollback", "mt3", "no_such")
+    assert unknown.returncode == 8
+    assert unknown.stderr == ("zlh: error: Proxmox: POST nodes/pve1/lxc/100/snapshot/no_such/"
+                              "rollback: snapshot 'no_such' does not exist\n")
+
+
 # -- the agent's start: systemd or direct -----------------------------------------------
 
 

@@ -102,6 +102,9 @@ def _register() -> None:
     from zlh.cli import ssh as ssh_commands
 
     ssh_commands.register(app)
+    from zlh.cli import containers
+
+    containers.register(app)
     _wrap_commands(app)
 
 

@@ -82,6 +82,22 @@ class Placement:
     free_bytes: int
 
 
+@dataclass(frozen=True)
+class SnapshotInfo:
+    name: str
+    description: str
+    taken: int | None  # Unix time
+    parent: str | None
+
+
+@dataclass(frozen=True)
+class Template:
+    node: str
+    volid: str
+    size: int | None
+    format: str | None
+
+
 class ProxmoxProvider:
     name = "proxmox"
 
@@ -145,9 +161,22 @@ class ProxmoxProvider:
 
     def templates(self, node: str, storage: str | None = None) -> list[str]:
         """The container templates (volids) on a node's template storage."""
+        return [t.volid for t in self.template_entries(node, storage)]
+
+    def template_entries(self, node: str, storage: str | None = None) -> list[Template]:
+        """The container templates on a node's storage (default: the configured
+        template's)."""
         storage = storage or self.config.template.split(":", 1)[0]
         content = self.client.get(f"nodes/{node}/storage/{storage}/content", content="vztmpl")
-        return sorted(str(v["volid"]) for v in content)
+        found = [Template(node, str(v["volid"]), _int(v.get("size")), v.get("format"))
+                 for v in content]
+        return sorted(found, key=lambda t: t.volid)
+
+    def online_nodes(self) -> list[str]:
+        """The online nodes zlh may place containers on."""
+        allowed = set(self.config.nodes)
+        return sorted(str(n["node"]) for n in self.client.get("cluster/resources", type="node")
+                      if n.get("status") == "online" and (not allowed or n["node"] in allowed))
 
     def _check_template(self, node: str) -> None:
         template = self.config.template
@@ -279,14 +308,21 @@ class ProxmoxProvider:
         self.client.run_task("POST", f"{self._ct_path(container)}/snapshot",
                              snapname=snapname, description=description)
 
-    def snapshots(self, name: str) -> list[str]:
+    def snapshots(self, name: str) -> list[SnapshotInfo]:
+        """The container's snapshots, oldest first (`current`, the live state, left out)."""
         container = self._get(name)
         entries = self.client.get(f"{self._ct_path(container)}/snapshot")
-        return [str(e["name"]) for e in entries if e.get("name") != "current"]
+        found = [SnapshotInfo(str(e["name"]), str(e.get("description", "")).strip(),
+                              _int(e.get("snaptime")), e.get("parent"))
+                 for e in entries if e.get("name") != "current"]
+        return sorted(found, key=lambda s: (s.taken or 0, s.name))
 
-    def rollback(self, name: str, snapname: str) -> None:
+    def rollback(self, name: str, snapname: str, start: bool = False) -> None:
+        """Proxmox stops a running container first; with `start` it starts it after."""
         container = self._get(name)
-        self.client.run_task("POST", f"{self._ct_path(container)}/snapshot/{snapname}/rollback")
+        self.client.run_task("POST", f"{self._ct_path(container)}/snapshot/{snapname}/rollback",
+                             start=start)
+        self._addresses.pop(name, None)  # it may come back with another lease
 
     def wait_address(self, name: str, timeout: float | None = None) -> str:
         """The container's address from `/interfaces`, polled until one shows."""
@@ -547,6 +583,10 @@ def pick_address(interfaces: list[dict[str, Any]] | None) -> str | None:
                 candidates.append(address)
     candidates.sort(key=lambda a: a.version)
     return str(candidates[0]) if candidates else None
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _seen(interfaces: list[dict[str, Any]] | None) -> str:
