@@ -155,6 +155,14 @@ def test_provision_over_ssh_reaches_a_ready_server_and_delete_removes_it(
     assert console.returncode == 0, console.stderr
     assert 'Server for gameid="minetest" listening on' in console.stdout
 
+    # A new agent over SSH: the old one leaves, the game keeps running under the new one.
+    restarted = cluster.zlh("agent", "restart", "mt1", "--json")
+    assert restarted.returncode == 0, restarted.stderr
+    change = json.loads(restarted.stdout)
+    assert change["kept"] == {"game": game["pid"]}
+    assert change["agent_pid"] != change["previous_agent_pid"]
+    assert change["agent_pid"] in cluster.cts.containers[100].processes()
+
     # What zlh wrote is in the container's own file system, and it got there over SSH.
     root = cluster.folder(100)
     config = yaml.safe_load((root / "etc/zlh/agentd.yaml").read_text())
