@@ -26,7 +26,8 @@ from bisect import bisect_right
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass, field
-from itertools import islice, repeat
+from itertools import accumulate, islice, repeat
+from operator import itemgetter
 from pathlib import Path
 from typing import BinaryIO
 
@@ -44,7 +45,10 @@ TRUNCATED_MARKER = " [zlh: line truncated, {} bytes dropped]"
 _INDEX_STEP = 64 * 1024  # log bytes between two entries of a file's seek index
 _FIRST_BLOCK = 4096  # small first read: most lookups need only a few lines
 _MAX_BLOCK = 1024 * 1024
-_FOLLOW_BATCH = 1000
+# A follower's batch: enough lines to keep pace with a flood (a turn of the producer adds
+# up to 256 KiB of output), few enough characters to keep the batch's memory small.
+_FOLLOW_BATCH = 10_000
+_FOLLOW_CHARS = 2**20
 
 
 @dataclass
@@ -337,9 +341,8 @@ class Console:
                 segments.append(_Segment())
         return segments
 
-    def _read_segment(self, index: int, start: int, stop: int, limit: int) -> list[Line]:
-        """Up to `limit` records with start <= seq < stop from one log file."""
-        out: list[Line] = []
+    def _read_segment(self, index: int, start: int, stop: int) -> Iterator[Line]:
+        """The records with start <= seq < stop of one log file, read as they are taken."""
         try:
             with open(self._paths[index], "rb") as file:
                 end = os.fstat(file.fileno()).st_size
@@ -347,32 +350,27 @@ class Console:
                     if rec[0] >= stop:
                         break
                     if rec[0] >= start:
-                        out.append(rec)
                         start = rec[0] + 1
-                        if len(out) >= limit:
-                            break
+                        yield rec
         except OSError as exc:
             # Gone or unreadable: the caller reports what is missing as a gap.
             logger.debug(
                 "console_log_read_failed",
                 extra=fields(process=self.name, path=str(self._paths[index]), error=str(exc)),
             )
-        return out
 
-    def _from_files(self, start: int, stop: int, limit: int) -> list[Line]:
-        """Up to `limit` records with start <= seq < stop from the log files, oldest first."""
-        out: list[Line] = []
+    def _from_files(self, start: int, stop: int) -> Iterator[Line]:
+        """The records with start <= seq < stop in the log files, oldest first; the caller
+        stops taking them when it has enough."""
         for index in range(len(self._segments) - 1, -1, -1):
             seg = self._segments[index]
             if seg.first is None or seg.last < start:
                 continue
-            if seg.first >= stop or len(out) >= limit:
+            if seg.first >= stop:
                 break
-            found = self._read_segment(index, start, stop, limit - len(out))
-            if found:
-                out += found
-                start = found[-1][0] + 1
-        return out
+            for rec in self._read_segment(index, start, stop):
+                start = rec[0] + 1
+                yield rec
 
     # -- reading -------------------------------------------------------------------------
 
@@ -410,7 +408,7 @@ class Console:
         """`follow` in batches of plain tuples, for streaming many lines cheaply."""
         start = self._start(after)
         while True:
-            batch = self._collect(start, _FOLLOW_BATCH)
+            batch = self._collect(start, _FOLLOW_BATCH, _FOLLOW_CHARS)
             if not batch:
                 await self._changed()
                 continue
@@ -469,14 +467,18 @@ class Console:
                 return min(seg.first, ring_first)
         return ring_first
 
-    def _collect(self, start: int, limit: int) -> list[Record]:
-        """Up to `limit` records from seq `start` on: files first, then the ring."""
+    def _collect(self, start: int, limit: int, max_chars: int | None = None) -> list[Record]:
+        """Up to `limit` records from seq `start` on: files first, then the ring. With
+        `max_chars`, fewer once the texts from each source hold that many characters."""
         out: list[Record] = []
         ring_first = self._ring[0][0] if self._ring else self._next_seq
         if start < ring_first:
-            start = self._collect_old(start, ring_first, limit, out)
+            start = self._collect_old(start, ring_first, limit, out, max_chars)
+            if start < ring_first:
+                return out  # full: the rest of the files comes in the next batch
         if len(out) < limit and start < self._next_seq:
-            out += self._from_ring(start - ring_first, limit - len(out))
+            lines = self._from_ring(start - ring_first, limit - len(out))
+            out += lines if max_chars is None else _within(lines, max_chars)
         return out
 
     def _from_ring(self, skip: int, count: int) -> list[Line]:
@@ -492,13 +494,15 @@ class Console:
         newest.reverse()
         return newest[:count]
 
-    def _collect_old(self, start: int, stop: int, limit: int, out: list[Record]) -> int:
+    def _collect_old(self, start: int, stop: int, limit: int, out: list[Record],
+                     max_chars: int | None = None) -> int:
         """Fill `out` for seqs in [start, stop) from the files, gaps where they lack lines.
 
-        Returns the next seq to serve.
+        Returns the next seq to serve: `stop` once the files have given all they hold.
         """
-        for rec in self._from_files(start, stop, limit - len(out)):
-            if len(out) >= limit:
+        chars = 0
+        for rec in self._from_files(start, stop):
+            if len(out) >= limit or (max_chars is not None and chars >= max_chars):
                 return start
             if rec[0] > start:
                 out.append((start, rec[0] - start))
@@ -506,9 +510,12 @@ class Console:
                 if len(out) >= limit:
                     return start
             out.append(rec)
+            chars += len(rec[2])
             start = rec[0] + 1
-        # Fewer records than asked for means the files hold nothing more before `stop`.
-        if len(out) < limit and start < stop:
+        # The files hold nothing more before `stop`.
+        if start < stop:
+            if len(out) >= limit:
+                return start
             out.append((start, stop - start))
             start = stop
         return start
@@ -535,6 +542,14 @@ def _utf8_boundary(raw: bytes) -> int:
             need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
             return len(raw) - back if need > back else len(raw)
     return len(raw)
+
+
+def _within(lines: list[Line], max_chars: int) -> list[Line]:
+    """The first of `lines` (at least one) whose texts hold up to `max_chars` characters."""
+    if sum(map(len, map(itemgetter(2), lines))) <= max_chars:
+        return lines
+    sizes = list(accumulate(map(len, map(itemgetter(2), lines))))
+    return lines[: max(1, bisect_right(sizes, max_chars))]
 
 
 def _next_seq_after(rec: Record) -> int:
@@ -583,14 +598,27 @@ def _end_of_whole_records(file: BinaryIO | io.FileIO, size: int) -> int:
     return 0
 
 
-def _parse(raw: bytes) -> Line | None:
-    parts = raw.split(b"\t", 2)
-    if len(parts) != 3:
-        return None
-    try:
-        return int(parts[0]), float(parts[1]), parts[2].decode("utf-8", "replace")
-    except ValueError:
-        return None
+def _parse(text: str) -> Iterator[Line]:
+    """The records of whole log lines (`text` ends with LF); unparsable lines are skipped.
+
+    A follower that fell behind the ring is served from here, a line at a time, so each
+    line costs two partitions and an int; the lines of one batch share their stamp, which
+    is converted once.
+    """
+    stamp, ts = "", 0.0
+    lines = text.split("\n")
+    lines.pop()  # the empty string after the final LF
+    for raw in lines:
+        seq, _, rest = raw.partition("\t")
+        this_stamp, tab, body = rest.partition("\t")
+        if not tab:
+            continue
+        try:
+            if this_stamp != stamp:
+                ts, stamp = float(this_stamp), this_stamp
+            yield int(seq), ts, body
+        except ValueError:
+            continue
 
 
 def _iter_records(file: BinaryIO, pos: int, end: int) -> Iterator[Line]:
@@ -604,12 +632,12 @@ def _iter_records(file: BinaryIO, pos: int, end: int) -> Iterator[Line]:
             return
         pos += len(block)
         size = min(size * 2, _MAX_BLOCK)
-        lines = (rest + block).split(b"\n")
-        rest = lines.pop()
-        for raw in lines:
-            rec = _parse(raw)
-            if rec is not None:
-                yield rec
+        block = rest + block
+        cut = block.rfind(b"\n") + 1
+        rest = block[cut:]
+        # One decode per block: a LF is never part of a UTF-8 sequence, so this is what
+        # decoding line by line would give.
+        yield from _parse(block[:cut].decode("utf-8", "replace"))
 
 
 def _next_line_start(file: BinaryIO, off: int, end: int) -> int:

@@ -176,6 +176,35 @@ def test_reader_behind_a_small_ring_is_served_from_the_file(tmp_path: Path) -> N
     assert texts(console, after=85) == [f"line {i}" for i in range(86, 100)]
 
 
+def test_lines_read_back_from_the_file_equal_the_lines_in_the_ring(tmp_path: Path) -> None:
+    data = MIXED + b"ok \xff\xfe end\n\xe2\x82\nt\tab\n" + numbered(0, 3000)
+    in_ring = Console("ring", tmp_path)
+    in_file = Console("file", tmp_path, ring_size=1)
+    for console in (in_ring, in_file):
+        console.feed(data[:5000])  # two reads: lines of one read share their timestamp
+        console.feed(data[5000:])
+
+    from_ring, from_file = in_ring.read(limit=10_000), in_file.read(limit=10_000)
+    assert [r.text for r in lines_of(from_file)] == [r.text for r in lines_of(from_ring)]
+    # The last line comes from the ring, the one before it from the file: same read,
+    # same timestamp; the file's lines carry the timestamps of the two reads.
+    assert from_file[-2].ts == from_file[-1].ts
+    assert len({r.ts for r in lines_of(from_file)}) == 2
+
+
+def test_unparsable_records_in_the_file_are_skipped(tmp_path: Path) -> None:
+    first = Console("game", tmp_path, ring_size=1)
+    first.feed(numbered(0, 2))
+    first.close()
+    with open(tmp_path / "game.log", "ab") as log:
+        log.write(b"x\t1.0\tbad seq\n2\tnot-a-time\tbad ts\nno tabs\n2\t1.5\tline 2\n")
+
+    second = Console("game", tmp_path, ring_size=1)
+    assert [(r.seq, r.text) for r in lines_of(second.read())] == [
+        (0, "line 0"), (1, "line 1"), (2, "line 2")
+    ]
+
+
 def test_rotation_keeps_reading_across_files(tmp_path: Path) -> None:
     console = Console("game", tmp_path, ring_size=5, log_max_bytes=800, log_backups=3)
     for i in range(100):
@@ -346,6 +375,33 @@ def test_follower_that_falls_behind_gets_gaps_that_add_up(tmp_path: Path) -> Non
     gaps = _check_no_silent_loss(records, 200_000)
     assert gaps > 0
     assert 0 < len(records) - gaps < 200_000
+
+
+@pytest.mark.parametrize("ring_size", [100_000, 1], ids=["from-ring", "from-files"])
+def test_follow_batches_of_long_lines_are_bounded_in_characters(
+    tmp_path: Path, ring_size: int
+) -> None:
+    long = 60_000
+    console = Console("game", tmp_path, ring_size=ring_size, log_max_bytes=2**30)
+    for i in range(100):
+        console.feed(b"%05d" % i + b"x" * (long - 5) + b"\n")
+
+    async def main() -> list[list[console_mod.Record]]:
+        batches = []
+        stream = console.follow_batches()
+        async for batch in stream:
+            batches.append(batch)
+            if batch[-1][0] == 99:
+                break
+        await stream.aclose()
+        return batches
+
+    batches = asyncio.run(main())
+    seqs = [rec[0] for batch in batches for rec in batch]
+    assert seqs == list(range(100))  # every line, in order, no gap
+    assert len(batches) > 1
+    most = console_mod._FOLLOW_CHARS + long
+    assert all(sum(len(rec[2]) for rec in batch) <= most for batch in batches)
 
 
 def test_follow_waits_for_new_lines_and_resumes_after_a_seq(tmp_path: Path) -> None:
