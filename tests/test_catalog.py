@@ -11,7 +11,7 @@ from tests.artifactfix import FaultyServer, sha256, write
 from zlh import catalog
 from zlh.artifacts import ArtifactServer
 from zlh.cli import run
-from zlh.errors import ConfigError
+from zlh.errors import ConfigError, NotFoundError
 
 GOOD = """\
 # a comment that promote keeps
@@ -83,6 +83,11 @@ BAD_YAML = [
      "runtimes.yaml:14: runtimes.tool.versions[0].artifacts.x86_64.format: Input should be"),
     ("url-escapes", good_text().replace("url: tool/tool-1.0", "url: ../tool/tool-1.0"),
      "runtimes.yaml:11: runtimes.tool.versions[0].artifacts.x86_64.url: a relative URL must"),
+    ("no-artifacts", good_text().split("        artifacts:")[0],
+     "runtimes.yaml:7: runtimes.tool.versions[0]: list artifacts, or say why there are none"),
+    ("unavailable-with-artifacts",
+     good_text().replace("        channel: stable\n", "        unavailable: not here\n"),
+     "runtimes.yaml:7: runtimes.tool.versions[0]: an unavailable version lists no artifacts"),
 ]
 
 
@@ -102,6 +107,32 @@ def test_shipped_catalogs_are_valid():
     assert {"node", "flying-squid"} <= names
     node = catalog.find("node", arch="x86_64")
     assert node.version.version == "20.18.0" and node.artifact.verify == "bin/node --version"
+
+
+UNAVAILABLE = """\
+runtimes:
+  sdk:
+    default: "8.0"
+    versions:
+      - version: "8.0"
+        unavailable: no registry carries it
+"""
+
+
+def test_an_unavailable_version_validates_and_is_refused_on_install(tmp_path: Path, capsys):
+    path = write(tmp_path, "runtimes.yaml", UNAVAILABLE.encode())
+
+    code, out, err = cli(capsys, "catalog", "validate", str(path), "--json")
+    table = cli(capsys, "catalog", "validate", str(path))[1]
+    with pytest.raises(NotFoundError) as refused:
+        catalog.find("sdk", paths=[path])
+
+    assert (code, err) == (0, "")
+    [entry] = json.loads(out)["entries"]
+    assert (entry["unavailable"], entry["arches"]) == ("no registry carries it", [])
+    assert "none: not installable here" in table
+    assert str(refused.value) == (f"sdk@8.0: not installable here: no registry carries it "
+                                  f"({path})")
 
 
 def test_validate_json_lists_entries(served, capsys):

@@ -23,7 +23,7 @@ TINY = {"memory_mb": 256, "cores": 1, "disk_gb": 1, "swap_mb": 0}
 
 
 def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*ZLH, *args], env=env, capture_output=True, text=True,
+    return subprocess.run([*ZLH, *args], env=env, capture_output=True, text=True, check=False,
                           stdin=subprocess.DEVNULL, timeout=240)
 
 
@@ -162,6 +162,19 @@ def test_provision_refuses_and_registers_nothing(
     assert (done.returncode, done.stdout, done.stderr) == (code, "", error)
     assert json.loads(_run(operator, "servers", "list", "--json").stdout) == []
     assert not (Path(operator["ZLH_HOME"]) / "containers/dev1").exists()
+
+
+def test_dev_dotnet_is_refused_before_anything_is_registered(operator: dict[str, str]) -> None:
+    # The catalog's dotnet 8.0 is unavailable: no container without its runtime.
+    done = _run(operator, "provision", "dev-dotnet", "dn1")
+
+    assert (done.returncode, done.stdout) == (4, "")
+    assert done.stderr == (
+        "zlh: error: playbook dev-dotnet: dotnet@8.0: not installable here: no registry zlh "
+        "builds artifacts from (PyPI, npm, Debian) carries the .NET 8 SDK; put an SDK archive "
+        "on the artifact server and list it under artifacts instead (catalogs/runtimes.yaml)\n")
+    assert json.loads(_run(operator, "servers", "list", "--json").stdout) == []
+    assert not (Path(operator["ZLH_HOME"]) / "containers/dn1").exists()
 
 
 def test_provision_stores_tier_and_owner_and_gives_the_agent_the_disk_limit(

@@ -418,13 +418,13 @@ def _plain(data: Any) -> Any:
     if isinstance(data, dict):
         return {k: _plain(v) for k, v in data.items()
                 if not (k == "deprecated" and v is False) and not (k == "description" and v == "")
-                and not (k in SECTIONS_EMPTY and v == {})}
+                and not (k in DROPPED_WHEN_EMPTY and v == {})}
     if isinstance(data, list):
         return [_plain(v) for v in data]
     return data
 
 
-SECTIONS_EMPTY = ("runtimes", "servers")
+DROPPED_WHEN_EMPTY = ("runtimes", "servers", "artifacts")  # artifacts: an unavailable version
 _HEADER = (
     "# Written by `zlh artifacts add`; the sha256 values are what a rebuild produces\n"
     "# (deterministic archives), so `zlh catalog validate --verify` passes on any machine\n"

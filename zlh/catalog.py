@@ -19,6 +19,14 @@ A catalog is a YAML file under `catalogs/` with a `runtimes:` and/or a `servers:
                 path: [bin]            # folders put on PATH, relative to the runtime
                 verify: bin/node --version
 
+A version no artifact can be had for says why instead of listing artifacts:
+
+          - version: "8.0"
+            unavailable: no registry zlh reaches carries the .NET 8 SDK
+
+`zlh catalog validate` accepts it and shows the reason; installing it (a playbook's
+runtime, `zlh runtime install`) is refused with NotFoundError naming the reason.
+
 Schema errors name the file, the line and the key (zlh/yamlfile.py). `verify_artifacts`
 downloads every artifact, streamed and several at once, and checks size and sha256.
 """
@@ -39,7 +47,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from zlh.errors import ConfigError, IntegrityError, NotFoundError, UsageError
 from zlh.yamlfile import Document, Loc, Problem, display_path, parse_yaml, read_yaml, validate
@@ -128,7 +143,17 @@ class Version(Model):
     version: VersionText
     channel: Channel = "stable"
     deprecated: bool | str = False
-    artifacts: dict[Arch, Artifact] = Field(min_length=1)
+    unavailable: str | None = Field(None, min_length=1,
+                                    description="why no artifact can be had, instead of them")
+    artifacts: dict[Arch, Artifact] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _artifacts_or_why_not(self) -> Version:
+        if self.unavailable is None and not self.artifacts:
+            raise ValueError("list artifacts, or say why there are none with `unavailable`")
+        if self.unavailable is not None and self.artifacts:
+            raise ValueError("an unavailable version lists no artifacts")
+        return self
 
 
 class Entry(Model):
@@ -283,6 +308,9 @@ def find(
                 chosen = entry.find(version)
             except NotFoundError as exc:
                 raise NotFoundError(f"{name}: {exc}") from None
+            if chosen.unavailable is not None:
+                raise NotFoundError(f"{name}@{chosen.version}: not installable here: "
+                                    f"{chosen.unavailable} ({display_path(item.path)})")
             artifact = chosen.artifacts.get(arch)  # type: ignore[call-overload]
             if artifact is None:
                 raise NotFoundError(f"{name}@{chosen.version}: no artifact for {arch}")
@@ -301,6 +329,7 @@ def summary(loaded: list[LoadedCatalog]) -> list[dict[str, Any]]:
                         "version": version.version, "channel": version.channel,
                         "default": version.version == entry.default,
                         "deprecated": version.deprecated,
+                        "unavailable": version.unavailable,
                         "arches": sorted(version.artifacts),
                     })
     return rows

@@ -130,7 +130,7 @@ def _newest_stable(name: str) -> str | None:
             entry = getattr(item.catalog, section).get(name)
             if entry is not None:
                 stable = [v for v in entry.versions if v.channel == "stable"
-                          and not v.deprecated]
+                          and not v.deprecated and v.unavailable is None]
                 return _by_version(stable)[-1].version if stable else None
     return None
 

@@ -62,7 +62,7 @@ def _human(report: dict[str, Any]) -> Any:
     from zlh import render
 
     rows = [(e["name"], e["version"], e["channel"] + (" (default)" if e["default"] else ""),
-             "yes" if e["deprecated"] else "", ",".join(e["arches"]), e["file"])
+             "yes" if e["deprecated"] else "", _arches(e), e["file"])
             for e in report["entries"]]
     parts = [render.table(("NAME", "VERSION", "CHANNEL", "DEPRECATED", "ARCH", "FILE"), rows)]
     if "verified" in report:
@@ -70,6 +70,12 @@ def _human(report: dict[str, Any]) -> Any:
                     f"{r.seconds:.2f} s", r.problem) for r in report["verified"]]
         parts.append(render.table(("ARTIFACT", "RESULT", "SIZE", "TIME", "PROBLEM"), checked))
     return Group(*parts)
+
+
+def _arches(entry: dict[str, Any]) -> str:
+    if entry["unavailable"]:
+        return "none: not installable here"  # the reason is in --json and in the refusal
+    return ",".join(entry["arches"])
 
 
 def _promoted(result: Any) -> str:
