@@ -9,6 +9,7 @@ status, console, ssh, snapshots and delete all run through the `zlh` program.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -253,6 +254,78 @@ def test_snapshot_rollback_and_ssh_through_the_cli(ssh_cluster: SshCluster) -> N
     assert unknown.returncode == 8
     assert unknown.stderr == ("zlh: error: Proxmox: POST nodes/pve1/lxc/100/snapshot/no_such/"
                               "rollback: snapshot 'no_such' does not exist\n")
+
+
+def test_server_files_go_into_the_container_over_ssh_only_under_its_root(
+    tmp_path: Path,
+) -> None:
+    key = keygen(tmp_path / "id_ed25519", "operator")
+    ct = ChrootContainer(tmp_path / "ct", address_of(151), free_port())
+    fingerprints = ct.create("ct151", Path(f"{key}.pub").read_text())
+    ct.start()
+    tree = tmp_path / "tree"
+    (tree / "pkg/bin").mkdir(parents=True)
+    (tree / ".bin").mkdir()
+    (tree / "pkg/bin/run").write_text("#!/bin/sh\necho ran\n")
+    (tree / "pkg/bin/run").chmod(0o755)
+    (tree / ".bin/run").symlink_to("../pkg/bin/run")
+    (tmp_path / "launcher.js").write_text("// launcher\n")
+    try:
+        config = SshConfig(identity=key, known_hosts=tmp_path / "known_hosts", port=ct.port)
+        hop = zssh.Hop("root", ct.address, ct.port)
+        zssh.trust_verified(hop, config, fingerprints)
+        with RemoteContainer(hop, config).server_files() as files:
+            assert files.root == "/srv/zlh"
+            files.put(tree, "node_modules")
+            files.put(tmp_path / "launcher.js", "launcher.js")
+            files.write_text("conf/game.conf", "port = 1\n")
+            assert files.has("/usr/sbin/sshd") and not files.has("/usr/sbin/no-such")
+            with pytest.raises(ValueError, match="outside the server root"):
+                files.write_text("../../etc/passwd", "root::0:0::/:/bin/sh\n")
+        srv = ct.folder / "srv/zlh"
+        assert (srv / "node_modules/pkg/bin/run").stat().st_mode & 0o777 == 0o755
+        assert os.readlink(srv / "node_modules/.bin/run") == "../pkg/bin/run"
+        assert (srv / "launcher.js").read_text() == "// launcher\n"
+        assert (srv / "conf/game.conf").read_text() == "port = 1\n"
+        assert "root::0" not in (ct.folder / "etc/passwd").read_text()
+        with zssh.session(hop, config) as conn:
+            out, err = io.BytesIO(), io.BytesIO()
+            assert zssh.run(conn, "/srv/zlh/node_modules/.bin/run", out, err) == 0
+        assert out.getvalue() == b"ran\n"
+    finally:
+        ct.destroy()
+
+
+def test_a_container_key_is_trusted_only_when_its_create_task_logged_it(
+    tmp_path: Path,
+) -> None:
+    key = keygen(tmp_path / "id_ed25519", "operator")
+    ct = ChrootContainer(tmp_path / "ct", address_of(152), free_port())
+    fingerprints = ct.create("ct152", Path(f"{key}.pub").read_text())
+    ct.start()
+    try:
+        known = tmp_path / "known_hosts"
+        config = SshConfig(identity=key, known_hosts=known, port=ct.port)
+        hop = zssh.Hop("root", ct.address, ct.port)
+        other = "SHA256:" + "A" * 43
+        with pytest.raises(zssh.SshError, match=r"which is none of the keys Proxmox made for "
+                                                 rf"it \({other}\); refusing to connect"):
+            zssh.trust_verified(hop, config, [other])
+        assert not known.exists()
+
+        # A key an earlier container at this address left behind is replaced.
+        stale = paramiko.HostKeys()
+        stale.add(hop.known_hosts_name, "ssh-ed25519", paramiko.Ed25519Key.from_private_key_file(
+            str(key)))
+        stale.save(str(known))
+        trusted = zssh.trust_verified(hop, config, fingerprints)
+        assert trusted.fingerprint in fingerprints and not trusted.already
+        entries = paramiko.HostKeys(str(known)).lookup(hop.known_hosts_name)
+        assert [zssh.fingerprint(k) for k in entries.values()] == [trusted.fingerprint]
+        with zssh.session(hop, config) as conn:
+            assert zssh.run(conn, "true", io.BytesIO(), io.BytesIO()) == 0
+    finally:
+        ct.destroy()
 
 
 # -- the agent's start: systemd or direct -----------------------------------------------

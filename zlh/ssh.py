@@ -261,6 +261,12 @@ def _record(hop: Hop, key: paramiko.PKey, config: SshConfig, replace: bool) -> T
     return Trusted(hop.known_hosts_name, key.get_name(), seen, str(path), False)
 
 
+def is_known(hop: Hop, config: SshConfig) -> bool:
+    """True when zlh's known_hosts has a key for `hop`."""
+    path = config.known_hosts_file()
+    return path.is_file() and hop.known_hosts_name in paramiko.HostKeys(str(path))
+
+
 def forget(hop: Hop, config: SshConfig) -> bool:
     """Drop `hop`'s keys from zlh's known_hosts (its container is gone); True if any."""
     path = config.known_hosts_file()

@@ -422,6 +422,8 @@ class ProxmoxProvider:
         try:
             logged = (self._local(name) / HOST_KEYS).read_text().split()
         except FileNotFoundError:
+            if zssh.is_known(hop, self.ssh):
+                return  # recorded before; every connection checks it
             raise ProvisionError(
                 f"no record of the host keys Proxmox made for {name} (the run that created "
                 f"it stopped before keeping them); check its key in the Proxmox console and "
@@ -505,7 +507,10 @@ class ProxmoxProvider:
         return found is not None and found.status == "running"
 
     def delete(self, name: str) -> None:
-        address = self._addresses.get(name) or (self.address(name) if self.over_ssh else "")
+        from zlh import records
+
+        record = records.find(name)
+        address = self._addresses.get(name) or (record.address if record else "") or ""
         self.delete_container(name)
         if self.over_ssh:
             if address:

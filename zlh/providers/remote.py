@@ -24,6 +24,7 @@ The agent listens on the container's loopback only; zlh reaches it through SSH t
 
 from __future__ import annotations
 
+import fcntl
 import io
 import logging
 import os
@@ -341,13 +342,20 @@ def agent_wheel(cache: Path) -> Path:
     if not (source / "pyproject.toml").is_file():
         raise NotFoundError(f"no source checkout at {source} to build the agent wheel from")
     folder = cache / "agent-wheel"
+    folder.mkdir(parents=True, exist_ok=True)
+    # Provisions running side by side build it once.
+    with open(folder / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_wheel(source, folder)
+
+
+def _build_wheel(source: Path, folder: Path) -> Path:
     built = sorted(folder.glob("zlh-*.whl"))
     newest = max(_mtimes(source), default=0.0)
     if built and built[-1].stat().st_mtime >= newest:
         return built[-1]
     for old in built:
         old.unlink()
-    folder.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "--disable-pip-version-check",
          "-w", str(folder), str(source)],
