@@ -55,9 +55,11 @@ async def run(config: AgentConfig, token: str) -> None:
     sock = _listen(config)
     port = sock.getsockname()[1]
     (config.state_dir / "agent.port").write_text(f"{port}\n")
+    # ws="none": the API has no websocket route, and uvicorn would otherwise load the
+    # websockets package (~0.4 MiB resident) for upgrades nobody may make.
     server = _Server(uvicorn.Config(
         create_app(agent, token), log_config=None, access_log=False, lifespan="off",
-        timeout_graceful_shutdown=2,
+        ws="none", timeout_graceful_shutdown=2,
     ))
 
     stop_requested = asyncio.Event()

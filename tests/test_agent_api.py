@@ -40,6 +40,18 @@ def test_wrong_or_missing_token_is_401(agent, header):
     assert agent.process("game")["state"] == "running"
 
 
+def test_websocket_upgrade_is_plain_http_behind_the_token(agent):
+    # The API has no websocket route: an upgrade request is answered as HTTP, so the
+    # bearer check applies to it like to any other request.
+    upgrade = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    response = httpx.get(agent.url + "/v1/status", headers=upgrade)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "unauthorized"
+    response = agent.client.get("/v1/status", headers=upgrade)
+    assert response.status_code == 200 and response.json()["processes"][0]["name"] == "game"
+
+
 def test_status_shape(agent):
     status = agent.client.get("/v1/status").json()
     assert status["agent"]["version"] and status["provisioning"]["state"] == "pending"
