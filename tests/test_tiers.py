@@ -141,6 +141,66 @@ def test_a_server_within_the_limits_is_admitted(
     tiers.admit(owner, _tier(1024))
 
 
+# A game that is ready at once: six provisions cost seconds, not minutes.
+QUICK_GAME = {
+    "name": "quick", "kind": "game", "tier": "small",
+    "resources": {"small": {"cores": 1, "memory_mb": 64, "disk_gb": 1}},
+    "processes": {"game": {"argv": ["sh", "-c", "echo up; exec sleep 600"],
+                           "stop": {"grace": 5},
+                           "readiness": {"type": "log", "pattern": "^up$"}}},
+}
+# Each process imports zlh, says so, and waits for a shared lock the test holds until all
+# six are there; released together, they register at the same moment.
+AT_ONCE = ("import fcntl, sys, zlh.cli, zlh.provision\n"
+           "gate = open(sys.argv.pop(1))\n"
+           "print('waiting', flush=True)\n"
+           "fcntl.flock(gate, fcntl.LOCK_SH)\n"
+           "zlh.cli.main()\n")
+QUOTA_REFUSAL = ("zlh: error: provisioning {name}: step registered failed: quota: owner ann "
+                 "already has 2 server(s) and the limit is 2 (servers_per_owner, limits in "
+                 "the operator config)\n")
+
+
+def test_provisions_at_once_never_pass_the_quota_together(
+    operator: dict[str, str], tmp_path: Path
+) -> None:
+    import fcntl
+
+    _configure(operator, limits={"servers_per_owner": 2})
+    (tmp_path / "playbooks").mkdir()
+    (tmp_path / "playbooks/quick.yaml").write_text(yaml.safe_dump(QUICK_GAME))
+    env = {**operator, "ZLH_PLAYBOOKS": str(tmp_path / "playbooks")}
+    gate = tmp_path / "gate"
+    gate.touch()
+    names = [f"q{index}" for index in range(6)]
+
+    with open(gate) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        runs = [subprocess.Popen([sys.executable, "-c", AT_ONCE, str(gate), "provision",
+                                  "quick", name, "--owner", "ann", "--json"],
+                                 env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+                for name in names]
+        for run in runs:
+            assert run.stdout is not None and run.stdout.readline() == "waiting\n"
+    try:
+        results = {name: (run.wait(timeout=240), run.stderr.read())  # type: ignore[union-attr]
+                   for name, run in zip(names, runs)}
+        servers = json.loads(_run(operator, "servers", "list", "--json").stdout)
+        containers = sorted(p.name for p in (Path(operator["ZLH_HOME"]) / "containers").iterdir())
+    finally:
+        for name in names:
+            _run(operator, "delete", name, "--yes")
+
+    admitted = sorted(name for name, (code, _) in results.items() if code == 0)
+    refused = {name: result for name, result in results.items() if name not in admitted}
+    assert len(admitted) == 2, results
+    assert refused == {name: (5, QUOTA_REFUSAL.format(name=name)) for name in refused}
+    assert sorted((s["name"], s["step"], s["owner"]) for s in servers) == [
+        (name, "ready", "ann") for name in admitted]
+    assert containers == admitted
+
+
 @pytest.mark.parametrize(("args", "config", "code", "error"), [
     (["--tier", "xl"], {}, 2,
      "zlh: error: --tier xl: no such tier; known: large, medium, small\n"),

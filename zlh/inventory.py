@@ -19,7 +19,7 @@ import secrets
 import sqlite3
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -62,6 +62,10 @@ CREATE TABLE history (
 );
 CREATE INDEX history_by_server ON history (server, id);
 """
+
+
+Admission = Callable[[list["Server"]], None]
+"""Called with every stored server before a new one is added; raises to refuse it."""
 
 
 def check_name(name: str) -> str:
@@ -172,8 +176,13 @@ class Inventory:
 
     # -- servers ---------------------------------------------------------------------
 
-    def add(self, server: Server) -> Server:
-        """Store a new server; ConflictError if the name is taken."""
+    def add(self, server: Server, admit: Admission | None = None) -> Server:
+        """Store a new server; ConflictError if the name is taken.
+
+        `admit` sees the servers stored when the new one is added, in the same write
+        transaction, and refuses it by raising: of two processes adding at once, the
+        second sees the first's server (quotas, zlh/tiers.py).
+        """
         check_name(server.name)
         _check_status(server.status)
         now = time.time()
@@ -182,6 +191,8 @@ class Inventory:
         marks = ", ".join("?" for _ in row)
         try:
             with self._write() as db:
+                if admit is not None:
+                    admit([_from_row(r) for r in db.execute("SELECT * FROM servers")])
                 db.execute(f"INSERT INTO servers ({columns}) VALUES ({marks})",
                            tuple(row.values()))
         except sqlite3.IntegrityError as exc:

@@ -293,8 +293,8 @@ class _Run:
             taken.add(ports[port_name])
         tier = tiers.for_request(self.playbook, self.request.tier)
         owner = self.request.owner or tiers.default_owner()
-        tiers.admit(owner, tier)
 
+        # The limits are checked in the inventory's transaction that adds the server.
         records.add(
             Server(
                 name=self.request.name,
@@ -309,7 +309,8 @@ class _Run:
                 resources=tier.resources.model_dump(),
                 step="registered",
                 status="provisioning",
-            )
+            ),
+            admit=tiers.admission(owner, tier),
         )
 
     def _create_container(self) -> None:

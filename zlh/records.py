@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from zlh.errors import NotFoundError
-from zlh.inventory import Inventory, Server, read_secret
+from zlh.inventory import Admission, Inventory, Server, read_secret
 
 __all__ = ["Server", "add", "agent_token", "agent_url", "find", "get", "list_all"]
 
@@ -42,9 +42,9 @@ def list_all() -> builtins.list[Server]:
         return inventory.list()
 
 
-def add(server: Server) -> Server:
+def add(server: Server, admit: Admission | None = None) -> Server:
     with _open() as inventory:
-        added = inventory.add(server)
+        added = inventory.add(server, admit)
         inventory.record(server.name, "registered", f"playbook {server.playbook}")
         return added
 

@@ -9,6 +9,9 @@ of that file belong to other parts of zlh and are ignored here:
       servers_per_owner: 3       # servers one owner may have
       total_memory_mb: 65536     # the memory of every server's tier, added up
 
+A new server is checked against the limits while the inventory stores it (`admission`),
+so provisions running at once are counted one after the other.
+
 A tier name is looked up in the operator config, then in the playbook's `resources`,
 then in the built-in defaults (DEFAULT_TIERS). Without `limits`, nothing is refused.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 import getpass
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,11 +142,25 @@ def for_request(playbook: Playbook, name: str | None) -> Tier:
     return resolve(playbook, name, load_config())
 
 
-def admit(owner: str, tier: Tier) -> None:
-    """Refuse a new server of `owner` in `tier` that exceeds the operator's limits."""
-    from zlh import records
-
+def admission(owner: str, tier: Tier) -> Callable[[Iterable[Any]], None] | None:
+    """The check a new server of `owner` in `tier` must pass against the servers there
+    are (ConflictError over a limit); None without limits. Provisioning hands it to
+    records.add, which runs it in the transaction that stores the server, so provisions
+    running at once cannot all pass against the same count."""
     limits = load_config().limits
     if limits.servers_per_owner is None and limits.total_memory_mb is None:
-        return
-    check_limits(owner, tier, usage(owner, records.list_all()), limits)
+        return None
+
+    def check(servers: Iterable[Any]) -> None:
+        check_limits(owner, tier, usage(owner, servers), limits)
+
+    return check
+
+
+def admit(owner: str, tier: Tier) -> None:
+    """Refuse a new server of `owner` in `tier` that exceeds the operator's limits now."""
+    from zlh import records
+
+    check = admission(owner, tier)
+    if check is not None:
+        check(records.list_all())
