@@ -91,6 +91,7 @@ class Agent:
         """Load the persisted spec and bring its processes up."""
         self.provisioning = self._load("provisioning.json", Provisioning) or Provisioning()
         self.runtimes.open()  # before any spawn: the runtimes' PATH goes into children
+        self.backups.recover_world()  # before any spawn: no game on a half-restored world
         spec = self._load("spec.json", ServerSpec)
         self.sampler.start()
         if spec is not None:

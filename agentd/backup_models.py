@@ -12,6 +12,7 @@ from pydantic import Field
 from agentd.models import Model, Out
 
 BackupResultKind = Literal["ok", "failed", "partial"]
+RestoreOutcome = Literal["restored", "rolled-back", "refused", "failed"]
 
 
 class BackupRecord(Out):
@@ -40,9 +41,29 @@ class BackupRecord(Out):
     error: str | None = None
 
 
+class RestoreReport(Out):
+    """How the last restore ended, also one an agent stop cut off.
+
+    `outcome`: restored (the server ran ready on the restored world), rolled-back (the
+    previous world is back), refused (the archive failed its checks; nothing changed),
+    failed (it could not be staged; nothing changed). `interrupted_at` is the journal
+    step the agent stopped at; the next agent completed the restore from there or rolled
+    it back, and `message` says which and why.
+    """
+
+    id: str
+    began: float
+    ended: float
+    outcome: RestoreOutcome
+    interrupted_at: str | None = None
+    ready: bool = False
+    message: str
+
+
 class BackupList(Out):
     running: str | None = Field(None, description="the operation under way, if any")
     backups: list[BackupRecord] = Field(default_factory=list, description="oldest first")
+    last_restore: RestoreReport | None = None
 
 
 class KeepPolicy(Model):

@@ -1,4 +1,4 @@
-"""World backups of one server: quiesce, archive, resume, record; restore; prune.
+"""World backups of one server: quiesce, archive, resume, record; restore (restore.py); prune.
 
 State (under the config's state_dir):
 
@@ -9,8 +9,9 @@ State (under the config's state_dir):
     backups/quiesce.json          present while the game is quiesced; at start it means the
                                   agent died mid-backup, and the resume lines are sent
 
-One operation (backup or restore) runs at a time; power actions (start, stop, restart)
-are refused while one runs (`check_power`), `kill` is not. The work runs in a task of
+One operation (backup, restore, or the recovery of a restore an agent stop cut off) runs
+at a time; power actions (start, stop, restart) are refused while one runs
+(`check_power`), `kill` is not. The work runs in a task of
 its own, so a client that goes away does not cut it short and the resume step always
 runs; archiving runs in a thread, so the consoles keep being drained meanwhile.
 """
@@ -22,14 +23,12 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, TypeVar
 
-from agentd.archive import ALWAYS_EXCLUDED, BadArchive, Excluder, Written, verify_and_extract
-from agentd.archive import write_archive
+from agentd.archive import ALWAYS_EXCLUDED, Excluder, Written, write_archive
 from agentd.backup_models import (
     BackupList,
     BackupOutcome,
@@ -40,10 +39,12 @@ from agentd.backup_models import (
     RestoreRequest,
     RestoreResult,
 )
-from agentd.errors import AgentError, Conflict, Corrupt, Invalid, NotFound, OperationFailed
+from agentd.durable import fsync_dir, write_atomic
+from agentd.errors import AgentError, Conflict, Invalid, NotFound, OperationFailed, describe
 from agentd.logs import fields
 from agentd.models import BackupSpec, ServerSpec
 from agentd.probes import strip_ansi
+from agentd.restore import Journal, Restorer
 from agentd.retention import plan
 from agentd.supervisor import Supervisor
 
@@ -57,7 +58,6 @@ INDEX = "index.json"
 POWER = ("start", "stop", "restart")
 ID_PATTERN = re.compile(r"^\d{8}T\d{6}Z-\d{1,9}$")
 RESUME_WAIT = 600.0  # after an agent restart: how long to wait for the game to run again
-SETTLED = ("backoff", "fatal", "stopped")
 
 
 class Host(Protocol):
@@ -71,25 +71,6 @@ class QuiesceError(Exception):
     """The game did not quiesce as its playbook says."""
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temporary name in the same folder, fsync, rename, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class BackupManager:
     def __init__(self, state_dir: Path, server_root: Path, host: Host,
                  clock: Callable[[], float] = time.time) -> None:
@@ -100,6 +81,7 @@ class BackupManager:
         self.host = host
         self.clock = clock
         self.running: str | None = None
+        self.restorer = Restorer(self.folder, server_root, clock)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- guards -------------------------------------------------------------------------
@@ -118,10 +100,20 @@ class BackupManager:
 
     async def _own_task(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run `coro` in a task a disconnecting client cannot cancel."""
+        return await asyncio.shield(self._task(coro))
+
+    def _task(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return await asyncio.shield(task)
+        return task
+
+    async def _released(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro`, then let the next operation in, however it ended."""
+        try:
+            return await coro
+        finally:
+            self.running = None
 
     # -- index --------------------------------------------------------------------------
 
@@ -142,7 +134,8 @@ class BackupManager:
         self._save(max(next_seq, record.seq + 1), [*records, record])
 
     def listing(self) -> BackupList:
-        return BackupList(running=self.running, backups=self._load()[1])
+        return BackupList(running=self.running, backups=self._load()[1],
+                          last_restore=self.restorer.last())
 
     def find(self, backup_id: str) -> BackupRecord:
         if ID_PATTERN.match(backup_id):
@@ -227,7 +220,7 @@ class BackupManager:
         except QuiesceError as exc:
             record.error = f"quiesce: {exc}"
         except (OSError, AgentError) as exc:
-            record.error = _describe(exc)
+            record.error = describe(exc)
         finally:
             if quiesced_at is not None and sup is not None:
                 self._resume(sup, policy.resume)
@@ -248,7 +241,7 @@ class BackupManager:
                 os.fsync(out.fileno())
             write_atomic(self.folder / f"{record.id}.manifest.json", written.manifest)
             os.rename(tmp, final)
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
         except BaseException:
             tmp.unlink(missing_ok=True)
             (self.folder / f"{record.id}.manifest.json").unlink(missing_ok=True)
@@ -274,58 +267,18 @@ class BackupManager:
 
     async def restore(self, backup_id: str, request: RestoreRequest) -> RestoreResult:
         path, record = self.archive_of(backup_id)
+        try:
+            unsettled = self.restorer.pending()
+        except ValueError as exc:
+            raise Conflict(f"the restore journal is unreadable ({exc}); no restore runs "
+                           "until it is looked at") from None
+        if unsettled is not None and self.running is None:
+            raise Conflict(f"the restore of {unsettled.id} is not settled (step "
+                           f"{unsettled.step}); restart the agent to settle it")
         self._claim(f"a restore of {backup_id}")
-        return await self._own_task(self._restore(path, record, request.timeout))
-
-    async def _restore(self, archive: Path, record: BackupRecord,
-                       timeout: float | None) -> RestoreResult:
-        staging = self.root / f".zlh-restore-{record.id}"
-        keep = self.root / f".zlh-keep-{record.id}"
-        began = time.monotonic()
-        try:
-            await asyncio.to_thread(_remove_tree, staging)
-            try:
-                extracted = await asyncio.to_thread(
-                    verify_and_extract, archive, record.sha256 or "", record.manifest_sha256,
-                    staging)
-            except BadArchive as exc:
-                raise Corrupt(f"backup {record.id} refused: {exc}; nothing was changed") from None
-            sup = self._game(self.host.spec.backup)
-            log.info("restore_verified", extra=fields(id=record.id, files=extracted.files))
-            await self._swap(sup, staging, keep, extracted.paths)
-            if not await _start_ready(sup, timeout):
-                await self._roll_back(sup, staging, keep, extracted.paths, timeout, record.id)
-            await asyncio.to_thread(_remove_tree, keep)
-            log.info("restore_done", extra=fields(id=record.id))
-            return RestoreResult(id=record.id, paths=extracted.paths, files=extracted.files,
-                                 ready=True, seconds=round(time.monotonic() - began, 3))
-        finally:
-            await asyncio.to_thread(_remove_tree, staging)
-            self.running = None
-
-    async def _swap(self, sup: Supervisor | None, staging: Path, keep: Path,
-                    paths: list[str]) -> None:
-        if sup is not None:
-            await sup.stop()
-        try:
-            await asyncio.to_thread(swap_in, self.root, staging, keep, paths)
-        except OSError as exc:
-            ready = await _start_ready(sup, None)
-            raise OperationFailed(f"restore could not swap the world in ({_describe(exc)}); "
-                                  f"the previous world is in place, ready: {ready}") from None
-
-    async def _roll_back(self, sup: Supervisor | None, staging: Path, keep: Path,
-                         paths: list[str], timeout: float | None, backup_id: str) -> None:
-        state = sup.state if sup is not None else "-"
-        log.error("restore_not_ready", extra=fields(id=backup_id, state=state))
-        if sup is not None:
-            await sup.stop()
-        await asyncio.to_thread(swap_back, self.root, staging / ".failed", keep, paths)
-        ready = await _start_ready(sup, timeout)
-        state_now = sup.state if sup else "gone"
-        again = "it is ready again" if ready else f"but it is not ready either ({state_now})"
-        raise OperationFailed(f"the world of backup {backup_id} did not come up (state "
-                              f"{state}); the previous world is back and {again}")
+        sup = self._game(self.host.spec.backup)
+        return await self._own_task(self._released(
+            self.restorer.run(path, record, sup, request.timeout)))
 
     # -- prune --------------------------------------------------------------------------
 
@@ -354,15 +307,18 @@ class BackupManager:
 
     # -- start-up -----------------------------------------------------------------------
 
+    def recover_world(self) -> None:
+        """At agent start, before any process starts: no game starts on a world that a
+        cut-off restore left half swapped (restore.py)."""
+        self.restorer.recover_world()
+
     def recover(self) -> None:
-        """After an agent restart: drop partial archives, un-quiesce an interrupted game."""
+        """After an agent restart, with the processes taken up: complete or roll back a
+        cut-off restore, drop partial archives, un-quiesce an interrupted game."""
+        self._settle_restore()
         for tmp in self.folder.glob(f"{PARTIAL}*"):
             tmp.unlink(missing_ok=True)
             log.warning("backup_partial_removed", extra=fields(path=str(tmp)))
-        for staging in self.root.glob(".zlh-restore-*"):
-            _remove_tree(staging)
-        for kept in self.root.glob(".zlh-keep-*"):
-            log.warning("restore_leftover", extra=fields(path=str(kept)))
         try:
             marker = json.loads((self.folder / MARKER).read_text())
         except FileNotFoundError:
@@ -370,9 +326,32 @@ class BackupManager:
         except ValueError:
             marker = {}
         self._record_interrupted(str(marker.get("id", "")))
-        task = asyncio.get_running_loop().create_task(self._resume_after_restart(marker))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._task(self._resume_after_restart(marker))
+
+    def _settle_restore(self) -> None:
+        try:
+            journal = self.restorer.pending()
+        except ValueError:
+            return  # recover_world logged it; restores are refused until it is looked at
+        if journal is None:
+            return
+        step = journal.interrupted_at or journal.step
+        self._claim(f"the recovery of the restore of {journal.id} (the agent stopped at "
+                    f"step {step})")
+        sup = self.host.supervisors.get(journal.process) if journal.process else None
+        self._task(self._settle_logged(journal, sup, f"the agent stopped during the "
+                                                     f"restore (step {step})"))
+
+    async def _settle_logged(self, journal: Journal, sup: Supervisor | None,
+                             cause: str) -> None:
+        try:
+            await self.restorer.settle(journal, sup, cause)
+        except (OSError, AgentError) as exc:
+            # The journal stays: the next agent start tries again; restores wait for it.
+            log.error("restore_recovery_failed", extra=fields(id=journal.id,
+                                                              error=describe(exc)))
+        finally:
+            self.running = None
 
     def _record_interrupted(self, backup_id: str) -> None:
         next_seq, records = self._load()
@@ -447,71 +426,9 @@ async def _quiesce(sup: Supervisor, policy: BackupSpec) -> None:
         watch.close()
 
 
-async def _start_ready(sup: Supervisor | None, timeout: float | None) -> bool:
-    """Start the process and wait until it is ready; False when it fails or times out."""
-    if sup is None:
-        return True
-    await sup.start()
-    deadline = time.monotonic() + (timeout or sup.spec.startup_timeout)
-    while time.monotonic() < deadline:
-        if sup.ready:
-            return True
-        if sup.state in SETTLED:
-            return False
-        await asyncio.sleep(0.1)  # a poll interval while the probe runs
-    return False
-
-
-def swap_in(root: Path, staging: Path, keep: Path, paths: list[str]) -> None:
-    """Move each live path into `keep`, then the staged one into place; undo on error."""
-    done: list[tuple[Path, Path]] = []
-    try:
-        for rel in paths:
-            live, staged, kept = root / rel, staging / rel, keep / rel
-            if os.path.lexists(live):
-                kept.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(live, kept)
-                done.append((kept, live))
-            if os.path.lexists(staged):
-                live.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(staged, live)
-                done.append((live, staged))
-    except OSError:
-        for moved_to, moved_from in reversed(done):
-            os.rename(moved_to, moved_from)
-        raise
-
-
-def swap_back(root: Path, trash: Path, keep: Path, paths: list[str]) -> None:
-    """Put the kept paths back; the restored ones go to `trash`."""
-    for rel in paths:
-        live, kept, thrown = root / rel, keep / rel, trash / rel
-        if os.path.lexists(live):
-            thrown.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(live, thrown)
-        if os.path.lexists(kept):
-            os.rename(kept, live)
-
-
-def _remove_tree(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
-
-
 def _fill(record: BackupRecord, written: Written) -> None:
     record.size, record.sha256 = written.size, written.sha256
     record.manifest_sha256, record.files = written.manifest_sha256, written.files
     record.bytes_in = written.bytes_in
     record.changed_files, record.skipped = written.changed, written.skipped
     record.result = "partial" if written.changed else "ok"
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, AgentError):
-        return exc.message
-    if isinstance(exc, OSError) and exc.strerror:
-        where = f" ({exc.filename})" if exc.filename else ""
-        return f"{exc.strerror.lower()}{where}"
-    return f"{type(exc).__name__}: {exc}"

@@ -67,3 +67,13 @@ class Corrupt(AgentError):
 class OperationFailed(AgentError):
     status = 500
     code = "failed"
+
+
+def describe(exc: BaseException) -> str:
+    """An error as one short phrase for a message: `no space left on device (PATH)`."""
+    if isinstance(exc, AgentError):
+        return exc.message
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror.lower()}{where}"
+    return f"{type(exc).__name__}: {exc}"

@@ -177,14 +177,19 @@ def _run_lines(results: Any) -> str:
 def _list_table(listing: Any) -> Any:
     from zlh import render
 
+    last = listing.last_restore
+    restored = (f"last restore: {last.id} {last.outcome} {render.when(last.ended)}: "
+                f"{last.message}") if last is not None else None
     if not listing.backups:
-        return "no backups yet; take one with `zlh backup run NAME`"
+        return "\n".join(filter(None, [
+            "no backups yet; take one with `zlh backup run NAME`", restored]))
     rows = [(b.id, render.when(b.time), b.result, render.size(b.size) if b.size else None,
              b.files, f"{b.duration:.1f}s", f"{b.quiesced_seconds:.1f}s" if b.quiesced else "-",
              b.error or (f"{len(b.changed_files)} changed" if b.changed_files else ""))
             for b in listing.backups]
     columns = ("ID", "TIME", "RESULT", "SIZE", "FILES", "TOOK", "QUIESCED", "NOTE")
-    title = f"running: {listing.running}" if listing.running else None
+    title = "\n".join(filter(None, [f"running: {listing.running}" if listing.running else None,
+                                    restored])) or None
     return render.table(columns, rows, title=title)
 
 
