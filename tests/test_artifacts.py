@@ -106,6 +106,17 @@ def test_python_builds_twice_to_the_committed_catalog(tmp_path: Path):
                           capture_output=True, text=True, check=True, timeout=60)
     assert done.stdout == f"{tree} (3, 11, 2)\n"
 
+    # A container without one of the shared libraries it uses: the verify command fails,
+    # naming it (the library is hidden under an empty file in a mount namespace).
+    library = Path("/usr/lib/x86_64-linux-gnu/libsqlite3.so.0").resolve()
+    script = (f'mount --bind /dev/null "{library}" && '
+              f'cd "{tree}" && exec {located.artifact.verify}')
+    hidden = subprocess.run(["unshare", "--mount", "sh", "-c", script],
+                            capture_output=True, text=True, check=False, timeout=60)
+    assert hidden.returncode == 1
+    last = hidden.stderr.splitlines()[-1]
+    assert last.startswith("ImportError: /") and last.endswith("/libsqlite3.so.0: file too short")
+
 
 def test_python_of_an_unknown_version_names_the_known_ones(tmp_path: Path):
     with pytest.raises(NotFoundError, match=r"no Debian revision known for Python 3\.12\.0; "
