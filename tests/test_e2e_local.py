@@ -228,6 +228,6 @@ def test_minetest_end_to_end(zlh: Operator) -> None:
 
     check = zlh("check", "mt1")
     assert check.code == 0, check.out + check.err
-    assert f"✓ udp port: 127.0.0.1:{port}/udp bound" in check.out
+    assert f"✓ udp port: 127.0.0.1:{port}/udp open (no port unreachable in 1 s)" in check.out
 
     _stop_and_delete(zlh, "mt1", port)

@@ -123,6 +123,17 @@ def test_squid_settings_are_json_with_the_values() -> None:
     assert (game.stop.command, game.stop.grace, game.startup_timeout) == ("stop", 20, 90)
 
 
+def test_squid_binds_and_is_probed_at_the_host_given() -> None:
+    # A Proxmox container's own address: where players reach it, and where it is probed.
+    rendered = render(load_playbook("minecraft-squid"), {}, {"game": 25599}, ROOT,
+                      "127.77.0.101")
+
+    assert json.loads(rendered.files[0].content)["host"] == "127.77.0.101"
+    readiness = rendered.spec.processes[0].readiness
+    assert isinstance(readiness, MinecraftProbe)
+    assert (readiness.host, readiness.port) == ("127.77.0.101", 25599)
+
+
 def test_squid_comes_from_the_catalogs() -> None:
     from zlh import catalog
 

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -189,6 +190,62 @@ def test_provision_over_ssh_reaches_a_ready_server_and_delete_removes_it(
                    Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z")
     known = paramiko.HostKeys(str(cluster.tmp / "known_hosts"))
     assert known.lookup(f"[{address}]:{cluster.cts.port}") is None
+
+
+# Minetest's low-level protocol: every datagram starts with its protocol id, then the
+# sender's peer id, the channel and the packet type.
+MINETEST_PROTOCOL = bytes.fromhex("4f457403")
+
+
+def minetest_ping(address: str, port: int) -> bytes:
+    """Minetest's connect, as its server list pings servers: an original packet from peer 0
+    makes the server hand out a peer id in a reliable SET_PEER_ID control packet; a
+    disconnect from that peer ends it. Returns the server's answer."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(10)
+        sock.connect((address, port))
+        sock.send(MINETEST_PROTOCOL + b"\x00\x00\x00\x01")
+        answer = sock.recv(1024)
+        sock.send(MINETEST_PROTOCOL + answer[12:14] + b"\x00\x00\x03")
+    return answer
+
+
+def test_players_reach_the_game_at_the_address_zlh_reports(ssh_cluster: SshCluster) -> None:
+    cluster = ssh_cluster
+    done = cluster.provision("mt4")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    address, port = result["address"], result["game_port"]
+    assert address == address_of(100)
+
+    # The game binds the container's address; the agent stays on its loopback.
+    conf = (cluster.folder(100) / "srv/zlh/minetest.conf").read_text()
+    assert f"bind_address = {address}\n" in conf
+    agent = yaml.safe_load((cluster.folder(100) / "etc/zlh/agentd.yaml").read_text())
+    assert agent["bind"] == "127.0.0.1"
+
+    # A player's client, from this side, at the address zlh reports: the server answers
+    # with a reliable (3) control packet (0) SET_PEER_ID (1).
+    answer = minetest_ping(address, port)
+    assert (answer[:4], answer[7], answer[10:12]) == (MINETEST_PROTOCOL, 3, b"\x00\x01")
+    with pytest.raises(ConnectionRefusedError):
+        minetest_ping("127.0.0.1", port)  # not this machine's port
+
+    backends = cluster.zlh("backends", "--json")
+    assert backends.returncode == 0, backends.stderr
+    assert json.loads(backends.stdout) == [{"name": "mt4", "address": address, "port": port}]
+    check = cluster.zlh("check", "mt4")
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert f"✓ udp port: {address}:{port}/udp open (no port unreachable in 1 s)\n" \
+        in check.stdout
+
+    # The check looks there too: a stopped game fails it.
+    assert cluster.zlh("stop", "mt4").returncode == 0
+    stopped = cluster.zlh("check", "mt4")
+    assert stopped.returncode == 9, stopped.stdout + stopped.stderr
+    assert (f"✗ udp port: {address}:{port}/udp: port unreachable (nothing bound there), "
+            "not ready\n") in stopped.stdout
+    assert json.loads(cluster.zlh("backends", "--json").stdout) == []
 
 
 def test_a_provision_cut_off_after_a_step_resumes_over_ssh(ssh_cluster: SshCluster) -> None:

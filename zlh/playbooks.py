@@ -3,7 +3,9 @@
 A playbook names its resources per tier, runtimes, artifacts, variables (`--set`), ports,
 config files and processes. `render()` fills the templates with the variables, the ports
 the provisioner allocated (`${port_game}`), the server root (`${root}`) and the bind
-address (`${host}`), and returns the files to write and the agent's `ServerSpec`.
+address (`${host}`: the server's address as zlh reports it, 127.0.0.1 on the local
+provider, the container's own address on Proxmox; tcp and minecraft probes use it too),
+and returns the files to write and the agent's `ServerSpec`.
 
 Templates use `string.Template`: `${name}` (or `$name`) is replaced, `$$` is a `$`.
 """
@@ -603,17 +605,19 @@ class RenderedServer:
 
 
 def render(
-    playbook: Playbook, values: dict[str, str], ports: dict[str, int], root: Path
+    playbook: Playbook, values: dict[str, str], ports: dict[str, int], root: Path,
+    host: str = HOST,
 ) -> RenderedServer:
     """Fill the playbook's templates for one server and build its ServerSpec.
 
     `values` are the raw `--set` values; `ports` has a concrete port for every port of
-    the playbook; `root` is the absolute server root on this machine.
+    the playbook; `root` is the absolute server root as the server's processes see it;
+    `host` is the address its ports are bound on and probed at.
     """
     _check_inputs(playbook, ports, root)
     resolved = resolve_values(playbook, values)
     mapping = {**resolved, **{f"port_{k}": str(v) for k, v in ports.items()},
-               "root": str(root), "host": HOST}
+               "root": str(root), "host": host}
     files = tuple(
         RenderedFile(item.path, _fill(playbook, ("files", index, "template"), mapping))
         for index, item in enumerate(playbook.files)
@@ -709,8 +713,8 @@ def _render_probe(
     timing = probe.model_dump(include={"interval", "timeout", "failure_threshold"})
     port = ports[probe.port or process.port or ""]
     if isinstance(probe, TcpProbeDef):
-        return TcpProbe(type="tcp", host=HOST, port=port, **timing)
-    return MinecraftProbe(type="minecraft", host=HOST, port=port, **timing)
+        return TcpProbe(type="tcp", host=mapping["host"], port=port, **timing)
+    return MinecraftProbe(type="minecraft", host=mapping["host"], port=port, **timing)
 
 
 def write_files(rendered: RenderedServer) -> list[Path]:

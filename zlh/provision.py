@@ -346,7 +346,10 @@ class _Run:
 
         assert self.record is not None
         root = self.provider.server_root(self.record.name)
-        return playbooks.render(self.playbook, self.record.values, self.record.ports, root)
+        # Bound where zlh says players reach it: the container's address on Proxmox.
+        host = self.record.address or playbooks.HOST
+        return playbooks.render(self.playbook, self.record.values, self.record.ports, root,
+                                host)
 
     def _after_agent_start(self, action: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:

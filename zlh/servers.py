@@ -33,6 +33,8 @@ STATUS_TIMEOUT = 5.0
 MIN_FREE_DISK = 512 * 1024**2
 MIN_FREE_DISK_FRACTION = 0.05
 MIN_FREE_MEMORY = 256 * 1024**2
+# How long `zlh check` waits for a UDP port to refuse a datagram.
+UDP_WAIT_S = 1.0
 
 
 def agent_client(record: Server, timeout: float = 10.0) -> AgentClient:
@@ -343,12 +345,25 @@ def _minecraft_check(address: str, port: int) -> Check:
 
 
 def _udp_check(address: str, port: int, ready: bool) -> Check:
-    from zlh.ports import port_free
-
-    # A UDP game has no protocol-neutral ping; the agent's readiness probe saw its
-    # "listening" line, and the port must be held by someone.
-    bound = not port_free(port, "udp")
-    detail = f"{address}:{port}/udp " + ("bound" if bound else "not bound")
+    # From this machine to the server's address, as a player's datagram goes. A UDP game
+    # has no protocol-neutral ping: a closed port answers a datagram with ICMP port
+    # unreachable (ECONNREFUSED on a connected socket), a game ignores what it does not
+    # understand, and the agent's readiness probe said the game is up.
+    where = f"{address}:{port}/udp"
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(UDP_WAIT_S)
+        try:
+            sock.connect((address, port))
+            sock.send(b"\0")
+            sock.recv(2048)
+            bound, detail = True, f"{where} answered"
+        except ConnectionRefusedError:
+            bound, detail = False, f"{where}: port unreachable (nothing bound there)"
+        except TimeoutError:
+            bound, detail = True, f"{where} open (no port unreachable in {UDP_WAIT_S:g} s)"
+        except OSError as exc:
+            bound, detail = False, f"{where}: {exc.strerror or exc}"
     return Check("udp port", bound and ready, detail + ("" if ready else ", not ready"))
 
 
