@@ -1,18 +1,24 @@
 """Backup and restore speed against tar + zstd, and how long a server stays quiesced.
 
 A world of region-like files (4 to 8 MiB each, mixed compressibility: random, text-like,
-half random and half zeros) is generated in a scratch folder. In the same run:
+half random and half zeros) is generated in a scratch folder. In the same run, in rounds
+whose order alternates:
 
-  backup   agentd.archive.write_archive (tar + zstd level 3, one zstd worker thread,
-           sha256 of every file and of the archive, manifest) + fsync
-           against `tar -I zstd -cf` (zstd's default: level 3, -T1) + fsync
-  restore  agentd.archive.verify_and_extract (archive sha256 first, then every file's
+  backup   agentd.archive.write_archive: zstd level 3, a reading thread (read, sha256 of
+           every file, manifest) and a compressing thread (zstd, sha256 of the archive,
+           write), + fsync
+           against `tar -I zstd -cf` (the same zstd level 3, zstd's default; tar | zstd
+           with one zstd worker, -T1, zstd's default) + fsync
+  restore  agentd.archive.verify_and_extract (the archive's sha256 first, then every file's
            sha256 against the manifest while extracting) against `tar -I zstd -xf`
   quiesce  a real agentd with tests/programs/save_server.py on the same world:
            POST /v1/backups, the record's quiesced_seconds and duration
 
-Both sides read a warm page cache (the world was just written); rounds alternate.
-Everything is deleted at the end. Usage: python benchmarks/backup_speed.py [--gib 1]
+Both sides read a warm page cache (the world was just written). Every run writes a new
+output and `sync` runs before each one, untimed, so that neither side pays for writing
+back or discarding the other's output. Figures are medians over the rounds, with each
+round's ratio. Everything is deleted at the end.
+Usage: python benchmarks/backup_speed.py [--gib 1] [--rounds 3] [--json]
 """
 
 from __future__ import annotations
@@ -26,12 +32,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agentd.archive import Excluder, verify_and_extract, write_archive  # noqa: E402
+from _common import report
+
+from agentd.archive import Excluder, Written, verify_and_extract, write_archive
 
 MIB = 2**20
 
@@ -57,10 +67,10 @@ def make_world(folder: Path, total: int, seed: int = 7) -> int:
     return index
 
 
-def ours(world_root: Path, out: Path) -> float:
+def ours(world_root: Path, out: Path, archived: dict[Path, Written]) -> float:
     began = time.perf_counter()
     with open(out, "wb") as handle:
-        write_archive(world_root, ["world"], Excluder([]), handle, {"time": 0})
+        archived[out] = write_archive(world_root, ["world"], Excluder([]), handle, {"time": 0})
         handle.flush()
         os.fsync(handle.fileno())
     return time.perf_counter() - began
@@ -75,25 +85,9 @@ def reference(world_root: Path, out: Path) -> float:
     return time.perf_counter() - began
 
 
-def restore_ours(archive: Path, target: Path) -> float:
-    import hashlib
-    import json
-
-    import zstandard
-
-    # The manifest's own hash, as the record holds it: read from the archive's last member.
-    with open(archive, "rb") as handle:
-        import tarfile
-        with tarfile.open(fileobj=zstandard.ZstdDecompressor().stream_reader(handle),
-                          mode="r|") as tar:
-            manifest = b""
-            for member in tar:
-                if member.name == ".zlh-manifest.json":
-                    manifest = tar.extractfile(member).read()  # type: ignore[union-attr]
-    json.loads(manifest)
-    sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+def restore_ours(archive: Path, written: Written, target: Path) -> float:
     began = time.perf_counter()
-    verify_and_extract(archive, sha, hashlib.sha256(manifest).hexdigest(), target)
+    verify_and_extract(archive, written.sha256, written.manifest_sha256, target)
     return time.perf_counter() - began
 
 
@@ -135,51 +129,87 @@ def quiesce_figures(scratch: Path, world_root: Path, rounds: int) -> list[tuple[
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gib", type=float, default=1.0, help="world size (default 1 GiB)")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of each (3 to 9)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="zlh-backup-bench-"))
     try:
-        return run(scratch, int(args.gib * 1024 * MIB), max(1, min(args.rounds, 5)))
+        result, lines = run(scratch, int(args.gib * 1024 * MIB), max(3, min(args.rounds, 9)))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    report(result, lines, args.json)
+    return 0
 
 
-def run(scratch: Path, total: int, rounds: int) -> int:
+def rounds_of(count: int, mine: Callable[[int], float],
+              theirs: Callable[[int], float]) -> tuple[list[float], list[float]]:
+    """`count` rounds of both, alternating which goes first; seconds of each run."""
+    ours_s, ref_s = [], []
+    for index in range(count):
+        for which in ((0, 1) if index % 2 == 0 else (1, 0)):
+            os.sync()  # untimed: the previous run's writes are not the next run's cost
+            if which == 0:
+                ours_s.append(mine(index))
+            else:
+                ref_s.append(theirs(index))
+    return ours_s, ref_s
+
+
+def figures(name: str, size: int, ours_s: list[float], ref_s: list[float]) -> dict[str, Any]:
+    ours_med, ref_med = statistics.median(ours_s), statistics.median(ref_s)
+    return {"what": name, "ours_seconds": ours_s, "reference_seconds": ref_s,
+            "ours_median_mib_s": round(size / MIB / ours_med),
+            "reference_median_mib_s": round(size / MIB / ref_med),
+            "ratio_of_medians": round(ref_med / ours_med, 2),
+            "ratio_per_round": [round(r / o, 2) for o, r in zip(ours_s, ref_s, strict=True)]}
+
+
+def line(fig: dict[str, Any], ours: str, ref: str) -> str:
+    return (f"{fig['what']:8s} zlh {fig['ours_median_mib_s']:5d} MiB/s   {ref} "
+            f"{fig['reference_median_mib_s']:5d} MiB/s   ratio {fig['ratio_of_medians']:.2f}x "
+            f"(medians of {len(fig['ours_seconds'])}; rounds "
+            f"{', '.join(f'{r:.2f}' for r in fig['ratio_per_round'])}; {ours})")
+
+
+def run(scratch: Path, total: int, rounds: int) -> tuple[dict[str, Any], list[str]]:
     world_root = scratch / "src"
     files = make_world(world_root, total)
     size = sum(p.stat().st_size for p in (world_root / "world" / "region").iterdir())
-    print(f"world: {files} region files, {size / MIB:.0f} MiB; zstd level 3, one worker "
-          f"thread on both sides; {os.cpu_count()} cores")
-    mine, ref = [], []
-    for index in range(rounds):
-        for which in ((0, 1) if index % 2 == 0 else (1, 0)):
-            out = scratch / f"out-{which}.tar.zst"
-            out.unlink(missing_ok=True)
-            (mine if which == 0 else ref).append(
-                ours(world_root, out) if which == 0 else reference(world_root, out))
-    ours_best, ref_best = min(mine), min(ref)
-    print(f"backup   zlh {size / MIB / ours_best:7.0f} MiB/s ({ours_best:.2f} s, "
-          f"{(scratch / 'out-0.tar.zst').stat().st_size / MIB:.0f} MiB)   "
-          f"tar -I zstd {size / MIB / ref_best:7.0f} MiB/s ({ref_best:.2f} s, "
-          f"{(scratch / 'out-1.tar.zst').stat().st_size / MIB:.0f} MiB)   "
-          f"ratio {ref_best / ours_best:.2f}x")
+    lines = [f"world: {files} region files, {size / MIB:.0f} MiB; zstd level 3 on both sides"]
+    result: dict[str, Any] = {"world_bytes": size, "files": files, "rounds": rounds}
 
-    ours_restore = restore_ours(scratch / "out-0.tar.zst", scratch / "restore-0")
-    ref_restore = restore_reference(scratch / "out-1.tar.zst", scratch / "restore-1")
-    print(f"restore  zlh {size / MIB / ours_restore:7.0f} MiB/s ({ours_restore:.2f} s, "
-          f"verified)   tar -x {size / MIB / ref_restore:7.0f} MiB/s ({ref_restore:.2f} s)   "
-          f"ratio {ref_restore / ours_restore:.2f}x")
-    for folder in ("restore-0", "restore-1", "out-0.tar.zst", "out-1.tar.zst"):
-        target = scratch / folder
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    def out(side: int, index: int) -> Path:
+        return scratch / f"out-{side}-{index}.tar.zst"
 
-    figures = quiesce_figures(scratch, world_root, rounds)
-    quiet = [q for q, _ in figures]
-    print(f"quiesce  agentd backup of the same world with save_server: quiesced "
-          f"{statistics.median(quiet):.2f} s (median of {len(quiet)}; "
-          f"{', '.join(f'{q:.2f}' for q in quiet)}), whole backup "
-          f"{statistics.median([d for _, d in figures]):.2f} s")
-    return 0
+    archived: dict[Path, Written] = {}
+    ours_s, ref_s = rounds_of(rounds, lambda i: ours(world_root, out(0, i), archived),
+                              lambda i: reference(world_root, out(1, i)))
+    backup = figures("backup", size, ours_s, ref_s)
+    backup["ours_archive_bytes"] = out(0, 0).stat().st_size
+    backup["reference_archive_bytes"] = out(1, 0).stat().st_size
+    lines.append(line(backup, f"archives {backup['ours_archive_bytes'] / MIB:.0f} and "
+                              f"{backup['reference_archive_bytes'] / MIB:.0f} MiB", "tar -I zstd"))
+
+    first = out(0, 0)
+    ours_s, ref_s = rounds_of(
+        rounds, lambda i: restore_ours(first, archived[first], scratch / f"restore-0-{i}"),
+        lambda i: restore_reference(out(1, 0), scratch / f"restore-1-{i}"))
+    restore = figures("restore", size, ours_s, ref_s)
+    lines.append(line(restore, "ours verified", "tar -x"))
+    for path in scratch.iterdir():
+        if path.name.startswith(("out-", "restore-")):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    quiesced = quiesce_figures(scratch, world_root, rounds)
+    quiet = [q for q, _ in quiesced]
+    lines.append(f"quiesce  agentd backup of the same world with save_server: quiesced "
+                 f"{statistics.median(quiet):.2f} s (median of {len(quiet)}; "
+                 f"{', '.join(f'{q:.2f}' for q in quiet)}), whole backup "
+                 f"{statistics.median([d for _, d in quiesced]):.2f} s")
+    result.update(backup=backup, restore=restore,
+                  quiesce={"quiesced_seconds": quiet,
+                           "durations": [d for _, d in quiesced]})
+    return result, lines
 
 
 if __name__ == "__main__":
