@@ -32,7 +32,8 @@ once the restored one was ready.
 For fault tests, ZLH_RESTORE_PAUSE=POINT holds a restore at POINT after logging
 `restore_paused`, so that a test can kill the agent exactly there. The points, in order:
 staged, stopping, stopped, moved-aside, half-swapped, swapped, starting, ready and
-rolling-back; moved-aside, half-swapped and rolling-back hold after the first path.
+rolling-back; moved-aside, half-swapped and rolling-back hold after the first path, and
+starting also holds when a new agent completes a restore.
 """
 
 from __future__ import annotations
@@ -310,7 +311,7 @@ class Restorer:
             return await self._drop_previous(journal, cause)
         if journal.step == "starting":
             await _settle(sup)
-            ready = await _start_ready(sup, journal.timeout)
+            ready = await _start_ready(sup, journal.timeout, pause="starting")
             return await self._after_start(journal, sup, ready, cause)
         why = f"{cause}, before every path of the restored world was in place"
         if journal.rollback_reason is not None:

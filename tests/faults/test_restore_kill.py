@@ -153,6 +153,30 @@ def test_restore_killed_at_each_step_leaves_one_whole_world(paused, point: str) 
     assert [e["action"] for e in box.events("restore_interrupted")] == [action]
 
 
+def test_agent_killed_again_while_it_completes_the_restore(paused, monkeypatch) -> None:
+    box = paused("swapped")
+    srv = box.root / "srv"
+    write_world(srv, "new")
+    put_server(box, game("--files", "0"), paths=PATHS)
+    record = run_backup(box)
+    new = tree_hashes(srv)
+    replace_world(srv, "old")
+
+    restore_in_background(box, record["id"])
+    kill_at(box, "swapped")
+    monkeypatch.setenv("ZLH_RESTORE_PAUSE", "starting")  # the next agent holds as it starts
+    box.start()                                          # the game on the restored world
+    monkeypatch.delenv("ZLH_RESTORE_PAUSE")
+    kill_at(box, "starting")
+    box.start()
+
+    report = settled(box)
+    assert tree_hashes(srv) == new
+    assert report["outcome"] == "restored" and report["interrupted_at"] == "starting", report
+    box.wait_state("game", "running", ready=True)
+    assert [e["action"] for e in box.events("restore_interrupted")] == ["complete"] * 2
+
+
 @pytest.mark.parametrize("point", ["swapped", "rolling-back"],
                          ids=["completing-finds-it-does-not-boot", "mid-rollback"])
 def test_restore_of_a_world_that_does_not_boot_killed_mid_way_ends_on_the_old_world(
