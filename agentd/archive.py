@@ -1,12 +1,12 @@
 """Backup archives: tar streamed through zstd, with a manifest, and their safe extraction.
 
-Writing: one pass over the files, in two threads. The reading thread reads each file once
-into pooled buffers (tar headers and small files packed together), hashes it, and compares
-(size, mtime) before and after, so a file that changed while it was read is reported
-instead of silently cut. The compressing thread runs zstd on the full buffers, hashes the
-compressed stream and writes it. hashlib and zstd release the GIL on large buffers, so the
-two run on two cores, as `tar | zstd -T1` does. The manifest (every file's size and
-sha256) is the archive's last member.
+Writing: one pass over the files, in three threads, as `tar | zstd -T1` has three. The
+reading thread reads each file once into pooled buffers (tar headers and small files packed
+together), hashes it, and compares (size, mtime) before and after, so a file that changed
+while it was read is reported instead of silently cut. The compressing thread runs zstd on
+the full buffers; the writing thread hashes the compressed stream and writes it. hashlib,
+zstd and file I/O release the GIL on large buffers, so they run on all the cores there are.
+The manifest (every file's size and sha256) is the archive's last member.
 
 Reading: the archive's sha256 is checked before anything else. Members are extracted
 into a staging folder only: absolute names, `..`, links that leave the staging folder,
@@ -130,27 +130,48 @@ class Written:
     manifest: bytes = b""
 
 
-class _HashingSink:
-    """The zstd output goes through here to the file: counted and hashed on the way."""
+class _Writer:
+    """The writing thread: the compressed stream, as zstd hands it over, hashed, counted and
+    written to the file. An error (a full disk) is raised at zstd's next `write` and by
+    `close`; the thread keeps taking chunks until it is closed."""
 
     def __init__(self, handle: BinaryIO) -> None:
         self._handle = handle
         self.hash = hashlib.sha256()
         self.size = 0
+        self._chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=BUFFERS)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="archive-write", daemon=True)
+        self._thread.start()
 
     def write(self, data: bytes) -> int:
-        self._handle.write(data)
-        self.hash.update(data)
-        self.size += len(data)
+        if self._error is not None:
+            raise self._error
+        self._chunks.put(data)  # a new bytes object from zstd for every call
         return len(data)
 
-    def flush(self) -> None:
-        self._handle.flush()
+    def close(self) -> None:
+        """Wait until everything is written; raise what went wrong."""
+        if self._thread.is_alive():
+            self._chunks.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while (data := self._chunks.get()) is not None:
+            if self._error is None:
+                try:
+                    self._handle.write(data)
+                except BaseException as exc:  # noqa: BLE001 - raised again by the compressor
+                    self._error = exc
+                self.hash.update(data)
+                self.size += len(data)
 
 
 class _Compressor:
-    """The compressing thread: zstd on the buffers the reading thread fills, the compressed
-    stream hashed and written to `out`. Buffers go back to the pool once compressed.
+    """The compressing thread: zstd on the buffers the reading thread fills; the compressed
+    stream goes to the writing thread. Buffers go back to the pool once compressed.
 
     An error here (a full disk) is raised in the reading thread at its next `take`; the
     thread keeps returning buffers until it is told to end, so the reader never waits on
@@ -158,7 +179,7 @@ class _Compressor:
     """
 
     def __init__(self, out: BinaryIO, level: int) -> None:
-        self.sink = _HashingSink(out)
+        self.sink = _Writer(out)
         # The sink is a writable file-like object; zstandard's stubs ask for a narrower type.
         self._writer = zstandard.ZstdCompressor(level=level).stream_writer(
             self.sink, closefd=False, write_size=CHUNK)  # type: ignore[arg-type]
@@ -204,11 +225,12 @@ class _Compressor:
                 except BaseException as exc:  # noqa: BLE001 - raised again by the reader
                     self._error = exc
             self._free.put(buffer)
-        if self._error is None and not self._aborted:
-            try:
+        try:
+            if self._error is None and not self._aborted:
                 self._writer.close()  # ends the frame; closefd=False leaves `out` open
-            except BaseException as exc:  # noqa: BLE001 - raised again by finish()
-                self._error = exc
+            self.sink.close()
+        except BaseException as exc:  # noqa: BLE001 - raised again by finish()
+            self._error = self._error or exc
 
 
 class _Feed:

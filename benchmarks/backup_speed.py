@@ -5,8 +5,8 @@ half random and half zeros) is generated in a scratch folder. In the same run, i
 whose order alternates:
 
   backup   agentd.archive.write_archive: zstd level 3, a reading thread (read, sha256 of
-           every file, manifest) and a compressing thread (zstd, sha256 of the archive,
-           write), + fsync
+           every file, manifest), a compressing thread (zstd) and a writing thread (sha256
+           of the archive, write), + fsync
            against `tar -I zstd -cf` (the same zstd level 3, zstd's default; tar | zstd
            with one zstd worker, -T1, zstd's default) + fsync
   restore  agentd.archive.verify_and_extract (the archive's sha256 first, then every file's
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -141,23 +142,31 @@ def main() -> int:
     return 0
 
 
+def cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def rounds_of(count: int, mine: Callable[[int], float],
-              theirs: Callable[[int], float]) -> tuple[list[float], list[float]]:
-    """`count` rounds of both, alternating which goes first; seconds of each run."""
-    ours_s, ref_s = [], []
+              theirs: Callable[[int], float]) -> dict[str, list[float]]:
+    """`count` rounds of both, alternating which goes first: each run's wall seconds and
+    CPU seconds (ours: this process's threads; theirs: tar and zstd, its children)."""
+    runs: dict[str, list[float]] = {"ours": [], "ref": [], "ours_cpu": [], "ref_cpu": []}
     for index in range(count):
-        for which in ((0, 1) if index % 2 == 0 else (1, 0)):
+        for which in (("ours", "ref") if index % 2 == 0 else ("ref", "ours")):
             os.sync()  # untimed: the previous run's writes are not the next run's cost
-            if which == 0:
-                ours_s.append(mine(index))
-            else:
-                ref_s.append(theirs(index))
-    return ours_s, ref_s
+            who = resource.RUSAGE_SELF if which == "ours" else resource.RUSAGE_CHILDREN
+            before = cpu_seconds(who)
+            runs[which].append(mine(index) if which == "ours" else theirs(index))
+            runs[f"{which}_cpu"].append(round(cpu_seconds(who) - before, 2))
+    return runs
 
 
-def figures(name: str, size: int, ours_s: list[float], ref_s: list[float]) -> dict[str, Any]:
+def figures(name: str, size: int, runs: dict[str, list[float]]) -> dict[str, Any]:
+    ours_s, ref_s = runs["ours"], runs["ref"]
     ours_med, ref_med = statistics.median(ours_s), statistics.median(ref_s)
     return {"what": name, "ours_seconds": ours_s, "reference_seconds": ref_s,
+            "ours_cpu_seconds": runs["ours_cpu"], "reference_cpu_seconds": runs["ref_cpu"],
             "ours_median_mib_s": round(size / MIB / ours_med),
             "reference_median_mib_s": round(size / MIB / ref_med),
             "ratio_of_medians": round(ref_med / ours_med, 2),
@@ -165,10 +174,12 @@ def figures(name: str, size: int, ours_s: list[float], ref_s: list[float]) -> di
 
 
 def line(fig: dict[str, Any], ours: str, ref: str) -> str:
+    cpu = (f"CPU {statistics.median(fig['ours_cpu_seconds']):.2f} s against "
+           f"{statistics.median(fig['reference_cpu_seconds']):.2f} s")
     return (f"{fig['what']:8s} zlh {fig['ours_median_mib_s']:5d} MiB/s   {ref} "
             f"{fig['reference_median_mib_s']:5d} MiB/s   ratio {fig['ratio_of_medians']:.2f}x "
             f"(medians of {len(fig['ours_seconds'])}; rounds "
-            f"{', '.join(f'{r:.2f}' for r in fig['ratio_per_round'])}; {ours})")
+            f"{', '.join(f'{r:.2f}' for r in fig['ratio_per_round'])}; {cpu}; {ours})")
 
 
 def run(scratch: Path, total: int, rounds: int) -> tuple[dict[str, Any], list[str]]:
@@ -182,19 +193,19 @@ def run(scratch: Path, total: int, rounds: int) -> tuple[dict[str, Any], list[st
         return scratch / f"out-{side}-{index}.tar.zst"
 
     archived: dict[Path, Written] = {}
-    ours_s, ref_s = rounds_of(rounds, lambda i: ours(world_root, out(0, i), archived),
-                              lambda i: reference(world_root, out(1, i)))
-    backup = figures("backup", size, ours_s, ref_s)
+    runs = rounds_of(rounds, lambda i: ours(world_root, out(0, i), archived),
+                     lambda i: reference(world_root, out(1, i)))
+    backup = figures("backup", size, runs)
     backup["ours_archive_bytes"] = out(0, 0).stat().st_size
     backup["reference_archive_bytes"] = out(1, 0).stat().st_size
     lines.append(line(backup, f"archives {backup['ours_archive_bytes'] / MIB:.0f} and "
                               f"{backup['reference_archive_bytes'] / MIB:.0f} MiB", "tar -I zstd"))
 
     first = out(0, 0)
-    ours_s, ref_s = rounds_of(
+    runs = rounds_of(
         rounds, lambda i: restore_ours(first, archived[first], scratch / f"restore-0-{i}"),
         lambda i: restore_reference(out(1, 0), scratch / f"restore-1-{i}"))
-    restore = figures("restore", size, ours_s, ref_s)
+    restore = figures("restore", size, runs)
     lines.append(line(restore, "ours verified", "tar -x"))
     for path in scratch.iterdir():
         if path.name.startswith(("out-", "restore-")):

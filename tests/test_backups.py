@@ -8,6 +8,7 @@ saving is on, so an unquiesced copy can hold a torn file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -594,6 +595,52 @@ def test_archive_reads_back_with_gnu_tar_across_buffer_boundaries(tmp_path: Path
     manifest = json.loads(written.manifest)
     assert {k: v["sha256"] for k, v in manifest["files"].items()} == {
         k: v for k, v in extracted.items() if v != "dir" and not v.startswith("link:")}
+
+
+def test_a_read_error_ends_the_archive_and_its_threads(tmp_path, monkeypatch) -> None:
+    from agentd import archive
+
+    (tmp_path / "world").mkdir()
+    for index in range(3):
+        (tmp_path / "world" / f"r.{index}.mca").write_bytes(os.urandom(3 * 2**20))
+    calls = []
+
+    def failing_read(self: Any, view: memoryview) -> int:
+        calls.append(1)
+        if len(calls) == 5:  # mid-way through the second file, a few buffers in flight
+            raise OSError(5, "Input/output error")
+        return original(self, view)
+
+    original = archive._FileSource.fill
+    monkeypatch.setattr(archive._FileSource, "fill", failing_read)
+    threads = threading.active_count()
+    with open(tmp_path / "out.tar.zst", "wb") as out, pytest.raises(OSError, match="Input"):
+        write_archive(tmp_path, ["world"], Excluder([]), out, {"time": 0})
+    assert threading.active_count() == threads
+
+
+def test_a_write_error_reaches_the_caller_and_ends_the_threads(tmp_path: Path) -> None:
+    (tmp_path / "world").mkdir()
+    for index in range(4):
+        (tmp_path / "world" / f"r.{index}.mca").write_bytes(os.urandom(3 * 2**20))
+
+    class FullDisk(io.RawIOBase):
+        def __init__(self) -> None:
+            self.taken = 0
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: Any) -> int:
+            if self.taken > 2**20:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.taken += len(data)
+            return len(data)
+
+    threads = threading.active_count()
+    with pytest.raises(OSError, match="No space left"):
+        write_archive(tmp_path, ["world"], Excluder([]), FullDisk(), {"time": 0})
+    assert threading.active_count() == threads
 
 
 def test_backup_folder_inside_the_world_is_excluded(tmp_path: Path) -> None:
