@@ -59,8 +59,10 @@ def _create(name: str) -> None:
     shell = "/bin/bash" if Path("/bin/bash").exists() else "/bin/sh"
     home = f"/home/{name}"
     if useradd := shutil.which("useradd", path=SYSTEM_PATH):
+        # No password, but not locked ("!", useradd's default): sshd without PAM refuses
+        # a locked account even its keys, and the dev user logs in with keys only.
         argv = [useradd, "--create-home", "--home-dir", home, "--shell", shell,
-                "--user-group", name]
+                "--user-group", "--password", "*", name]
     elif adduser := shutil.which("adduser", path=SYSTEM_PATH):
         argv = [adduser, "-D", "-h", home, "-s", shell, name]  # busybox
     else:

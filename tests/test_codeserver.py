@@ -26,6 +26,7 @@ from tests.agentfix import AgentProcess, poll
 from tests.codeserverfix import SESSION_COOKIE, Browser, code_server_cache, login
 from tests.components import cache_root, free_port
 from zlh import codeserver
+from zlh.providers.local import LocalServerFiles
 
 pytestmark = pytest.mark.slow
 
@@ -49,9 +50,10 @@ class IdeAgent:
 
     def start(self) -> IdeAgent:
         code_server_cache()
-        codeserver.install(self.container, cache_root())
-        codeserver.ensure_secret(self.container)
-        codeserver.prepare_folders(self.container)
+        files = LocalServerFiles(self.container)
+        codeserver.install(files, cache_root())
+        codeserver.ensure_secret(files)
+        codeserver.prepare_folders(files)
         self.agent.start()
         layout = codeserver.IdeLayout(self.container, self.port, None)
         answer = self.agent.put_spec(codeserver.process_spec(layout).model_dump())
@@ -61,7 +63,7 @@ class IdeAgent:
 
     @property
     def password(self) -> str:
-        return codeserver.read_password(self.container)
+        return codeserver.read_password(LocalServerFiles(self.container))
 
     def ide(self) -> dict[str, Any]:
         return self.agent.process(codeserver.PROCESS)
@@ -130,7 +132,8 @@ def test_the_secret_is_in_no_log_spec_or_status(ide: IdeAgent) -> None:
         "PASSWORD": "etc/zlh/ide.password"}
     assert all(secret not in text for text in answers)
     assert secret not in ide.agent.logs()
-    assert codeserver.password_path(ide.container).stat().st_mode & 0o777 == 0o600
+    password = Path(codeserver.password_path(str(ide.container)))
+    assert password.stat().st_mode & 0o777 == 0o600
 
 
 def test_a_killed_code_server_comes_back_after_a_backoff(ide: IdeAgent) -> None:
@@ -220,9 +223,9 @@ def test_a_dev_container_from_provision_to_login(operator_env: dict[str, str]) -
     local = _zlh(operator_env, "ide", "devnode", "--local", "--json")
     hosted = _zlh(operator_env, "ide", "devnode")
     access = json.loads(local.stdout)
-    old = codeserver.read_password(container)
+    old = codeserver.read_password(LocalServerFiles(container))
     rotated = _zlh(operator_env, "ide", "rotate", "devnode")
-    new = codeserver.read_password(container)
+    new = codeserver.read_password(LocalServerFiles(container))
     shown = _zlh(operator_env, "ide", "devnode", "--local", "--show-password", "--json")
 
     print(f"provision-to-IDE-ready: {seconds:.1f} s")

@@ -77,6 +77,7 @@ getent passwd dev
 stat -c '%U %G %n' /home/dev /home/dev/workspace
 grep -c zlh/env /etc/bash.bashrc
 head -n1 /etc/bash.bashrc
+getent shadow dev | cut -d: -f2
 """
 
 
@@ -121,7 +122,8 @@ def test_dev_user_is_created_in_a_namespace_not_on_this_machine(tmp_path: Path) 
     fields = lines[2].split(":")
     assert fields[0] == "dev" and fields[5] == "/home/dev" and fields[6] == "/bin/bash"
     assert lines[3:5] == ["dev dev /home/dev", "dev dev /home/dev/workspace"]
-    assert lines[5:] == ["1", devuser.HOOK.strip()]  # the env file's line, once, first
+    assert lines[5:7] == ["1", devuser.HOOK.strip()]  # the env file's line, once, first
+    assert lines[7:] == ["*"]  # no password, not locked: sshd (no PAM) lets its keys in
 
     # The namespace's copy has dev; this machine's own files are as they were.
     assert "\ndev:" in "\n" + (tmp_path / "etc/passwd").read_text()

@@ -22,6 +22,7 @@ from tests.codeserverfix import code_server_cache
 from tests.components import cache_root, free_port
 from tests.sshfix import keygen
 from tests.test_devenv import in_namespace
+from zlh import devssh
 
 pytestmark = pytest.mark.slow
 
@@ -87,16 +88,16 @@ def fingerprint(public: Path) -> str:
 
 def test_the_host_key_is_generated_and_recorded_at_provisioning(operator: Operator) -> None:
     port = operator.ports["ssh"]  # type: ignore[attr-defined]
-    key = operator.container / "etc/ssh/ssh_host_ed25519_key"
+    key = operator.container / devssh.HOST_KEY
     assert key.stat().st_mode & 0o777 == 0o600
     found = subprocess.run(["ssh-keygen", "-F", f"[127.0.0.1]:{port}", "-l",
                             "-f", str(operator.known_hosts)],
                            capture_output=True, text=True, check=False)
     assert found.returncode == 0, found.stderr
     assert fingerprint(Path(f"{key}.pub")) in found.stdout
-    keys = operator.container / "etc/ssh/zlh_authorized_keys"
+    keys = operator.container / devssh.AUTHORIZED_KEYS
     assert keys.read_text() == operator.authorized.read_text()
-    config = (operator.container / "etc/ssh/sshd_config").read_text().splitlines()
+    config = (operator.container / devssh.CONFIG).read_text().splitlines()
     for line in ("ListenAddress 127.0.0.1", f"Port {port}", "PasswordAuthentication no",
                  "KbdInteractiveAuthentication no", "UsePAM no",
                  "PermitRootLogin prohibit-password"):

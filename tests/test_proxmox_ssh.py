@@ -24,12 +24,13 @@ from typing import Any
 import paramiko
 import pytest
 import yaml
-from components import free_port, minetest_server, wait_until
+from components import cache_root, free_port, minetest_server, wait_until
 from ctfix import ChrootCluster, ChrootContainer, address_of, install_program
 from pve import PveDouble
 from pve.double import DEFAULT_TEMPLATE
 from sshfix import Sshd, keygen
 
+from zlh import devssh
 from zlh import ssh as zssh
 from zlh.inventory import Inventory, write_secret
 from zlh.opconfig import SshConfig
@@ -311,6 +312,84 @@ def test_snapshot_rollback_and_ssh_through_the_cli(ssh_cluster: SshCluster) -> N
     assert unknown.returncode == 8
     assert unknown.stderr == ("zlh: error: Proxmox: POST nodes/pve1/lxc/100/snapshot/no_such/"
                               "rollback: snapshot 'no_such' does not exist\n")
+
+
+def test_a_dev_container_over_ssh_gets_its_ide_and_sshd_through_sftp(
+    ssh_cluster: SshCluster,
+) -> None:
+    from tests.codeserverfix import code_server_cache, login
+    from zlh import runtimes
+    from zlh.artifacts import ArtifactServer, ensure
+    from zlh.playbooks import load_playbook
+
+    cluster = ssh_cluster
+    code_server_cache()
+    home = cluster.tmp / "home"
+    home.mkdir(mode=0o700, exist_ok=True)
+    (home / "cache").symlink_to(cache_root(), target_is_directory=True)
+    config_file = cluster.tmp / "xdg/zlh/config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    config.update({"ide_url": "https://dev-{vmid}.{domain}/", "domain": "zlh.test"})
+    config_file.write_text(yaml.safe_dump(config))
+    artifacts = cache_root() / "artifacts"
+    for item in runtimes.playbook_items(load_playbook("dev-node")):
+        ensure(item, artifacts)  # node, from the catalog: the agent fetches it
+
+    cluster.names.add("devn")
+    with ArtifactServer(artifacts) as server:
+        cluster.env["ZLH_ARTIFACTS_URL"] = server.url
+        done = cluster.zlh("provision", "--provider", "proxmox", "dev-node", "devn", "--json",
+                           timeout=PROVISION_TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    address, ssh_port, ide_port = result["address"], result["ports"]["ssh"], \
+        result["ports"]["ide"]
+    assert address == address_of(100)
+
+    # What zlh wrote went into the container's file system over SSH; the container's own
+    # sshd (how zlh reaches it) keeps its config and keys.
+    root = cluster.folder(100)
+    assert (root / "etc/zlh/ide.password").stat().st_mode & 0o777 == 0o600
+    sshd = (root / devssh.CONFIG).read_text().splitlines()
+    assert f"ListenAddress {address}" in sshd and f"Port {ssh_port}" in sshd
+    assert (root / devssh.HOST_KEY).stat().st_mode & 0o777 == 0o600
+    system = (root / "etc/ssh/sshd_config").read_text()
+    assert f"ListenAddress {address}\nPort {cluster.cts.port}\n" in system
+    assert (root / "opt/zlh/code-server/node_modules/code-server/out/node/entry.js").is_file()
+    assert not (home / "containers").exists()
+
+    # The dev user's sshd, through the bastion; the command's exit code passes through.
+    as_dev = cluster.zlh("ssh", "devn", "--user", "dev", "--", "id -un; exit 3")
+    assert (as_dev.returncode, as_dev.stdout) == (3, "dev\n"), as_dev.stderr
+    assert cluster.forwarded_to(address) >= 1
+    text = (cluster.bastion.folder / "sshd.log").read_text(errors="replace")
+    assert f"target {address} port {ssh_port}" in text
+
+    # The IDE: its hosted URL, code-server running as dev, the password over SSH.
+    ide = cluster.zlh("ide", "devn")
+    assert ide.returncode == 0, ide.stderr
+    assert ide.stdout.splitlines()[:2] == [
+        "devn: code-server is ready, running as dev", "  open:      https://dev-100.zlh.test/"]
+    assert "in devn:/etc/zlh/ide.password (mode 0600)" in ide.stdout
+    shown = cluster.zlh("ide", "devn", "--show-password", "--json")
+    password = json.loads(shown.stdout)["password"]
+    assert password == (root / "etc/zlh/ide.password").read_text().strip()
+    # The test's containers share this machine's network: its loopback is the container's.
+    assert login(f"http://127.0.0.1:{ide_port}", password).status_code == 302
+    rotated = cluster.zlh("ide", "rotate", "devn")
+    assert rotated.returncode == 0, rotated.stderr
+    new = (root / "etc/zlh/ide.password").read_text().strip()
+    assert new != password and password not in rotated.stdout + rotated.stderr
+    assert login(f"http://127.0.0.1:{ide_port}", new).status_code == 302
+
+    # Delete forgets both host keys zlh recorded at the address: the container's and its
+    # dev sshd's.
+    gone = cluster.zlh("delete", "devn", "--yes", timeout=180)
+    assert gone.returncode == 0, gone.stderr
+    cluster.names.discard("devn")
+    known = paramiko.HostKeys(str(cluster.tmp / "known_hosts"))
+    assert known.lookup(f"[{address}]:{cluster.cts.port}") is None
+    assert known.lookup(f"[{address}]:{ssh_port}") is None
 
 
 def test_server_files_go_into_the_container_over_ssh_only_under_its_root(

@@ -21,12 +21,15 @@ import secrets
 import tarfile
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from agentd.models import HttpProbe, ProcessSpec, RestartSpec, StopSpec
 from zlh.errors import NotFoundError, ProvisionError
-from zlh.inventory import read_secret, write_secret
-from zlh.npmcache import ensure_cached, link_tree
+from zlh.npmcache import ensure_cached
+
+if TYPE_CHECKING:
+    from zlh.providers.base import ServerFiles
 
 log = logging.getLogger(__name__)
 
@@ -88,42 +91,42 @@ def _seed_ripgrep_cache(tmp: Path) -> None:
         archive.add(RIPGREP, arcname="rg")
 
 
-def install(container: Path, cache_root: Path) -> Path:
-    """Link the cached install into the container; returns the entry script's path."""
+def install(files: ServerFiles, cache_root: Path) -> str:
+    """Put the cached install into the container (hard links into a folder on this
+    machine, one tar stream over SSH); returns the entry script's path in it."""
     entry = ensure_installed(cache_root)
-    target = container / INSTALL_DIR
-    log.info("linking code-server %s into %s", VERSION, target)
-    link_tree(entry / "node_modules", target / "node_modules")
-    return target / ENTRY
+    log.info("putting code-server %s into %s", VERSION, f"{files.root}/{INSTALL_DIR}")
+    files.put(entry / "node_modules", f"{INSTALL_DIR}/node_modules")
+    return str(PurePosixPath(files.root) / INSTALL_DIR / ENTRY)
 
 
 # -- the secret ------------------------------------------------------------------------
 
 
-def password_path(container: Path) -> Path:
-    return container / PASSWORD_FILE
+def password_path(root: str | PurePosixPath) -> PurePosixPath:
+    """Where the password is, as the container sees it."""
+    return PurePosixPath(root) / PASSWORD_FILE
 
 
-def ensure_secret(container: Path) -> Path:
+def ensure_secret(files: ServerFiles) -> None:
     """Create the IDE password once (mode 0600); an existing one is kept."""
-    path = password_path(container)
-    if not path.is_file():
-        write_secret(path, new_secret())
-    return path
+    try:
+        files.read_text(PASSWORD_FILE)
+    except FileNotFoundError:
+        rotate_secret(files)
 
 
-def rotate_secret(container: Path) -> Path:
+def rotate_secret(files: ServerFiles) -> None:
     """Replace the IDE password atomically; the file stays 0600 throughout."""
-    path = password_path(container)
-    write_secret(path, new_secret())
-    return path
+    files.write_text(PASSWORD_FILE, new_secret(), 0o600)
 
 
-def read_password(container: Path) -> str:
-    path = password_path(container)
-    if not path.is_file():
-        raise NotFoundError(f"no IDE password at {path}: is this a dev container?")
-    return read_secret(path)
+def read_password(files: ServerFiles) -> str:
+    try:
+        return files.read_text(PASSWORD_FILE).strip()
+    except FileNotFoundError:
+        raise NotFoundError(f"no IDE password at {password_path(files.root)}: is this a dev "
+                            "container?") from None
 
 
 def new_secret() -> str:
@@ -137,7 +140,7 @@ def new_secret() -> str:
 class IdeLayout:
     """Where things are, as absolute paths on the machine the agent runs on."""
 
-    container: Path
+    container: PurePosixPath | Path
     port: int
     user: str | None  # None: the agent's own user (local provider)
 
@@ -172,6 +175,8 @@ def process_spec(layout: IdeLayout) -> ProcessSpec:
     )
 
 
-def prepare_folders(container: Path) -> None:
+def prepare_folders(files: ServerFiles) -> None:
+    """The workspace and code-server's folders, for an agent that runs as the operator;
+    in a container the dev user's home is made by the agent, owned by the user."""
     for relative in (WORKSPACE, f"{DATA_DIR}/extensions"):
-        (container / relative).mkdir(parents=True, exist_ok=True)
+        files.mkdir(relative)

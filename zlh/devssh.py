@@ -1,11 +1,18 @@
 """The SSH server of a dev container (`dev.ssh: true` in its playbook).
 
 At container-created zlh generates the container's host key (ed25519, mode 0600, in the
-container's `etc/ssh`), writes the operator's public keys as its authorized keys and
-renders `etc/ssh/sshd_config`; the key's public half goes straight into zlh's
-known_hosts for `[ADDRESS]:PORT`. zlh made the key, so its fingerprint is known first
-hand: nothing is accepted on first sight. The agent runs `/usr/sbin/sshd -D -e -f
-CONFIG` as the supervised process `ssh` (kind `service`), ready when its port answers.
+container's `etc/zlh/sshd`), writes the operator's public keys as its authorized keys and
+renders its `sshd_config` there, through the provider's files (a folder here, SFTP into a
+Proxmox container); the key's public half goes straight into zlh's known_hosts for
+`[ADDRESS]:PORT`. zlh made the key, so its fingerprint is known first hand: nothing is
+accepted on first sight. Its files are its own: a container's system sshd (Proxmox's
+containers have one, and zlh reaches them through it) keeps `/etc/ssh` and its pid file.
+The agent runs `/usr/sbin/sshd -D -e -f CONFIG` as the supervised process `ssh` (kind
+`service`), ready when its port answers.
+
+It listens on the server's address as zlh reports it (as playbooks' `${host}`): 127.0.0.1
+on the local provider, where zlh reaches it directly; the container's address on Proxmox,
+reached through the bastion.
 
 The keys are `ssh.authorized_keys` from the operator config (a file; the override
 `ZLH_SSH_AUTHORIZED_KEYS` works too), else the public half of `ssh.identity`, else the
@@ -26,8 +33,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import subprocess
-from pathlib import Path
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import paramiko  # type: ignore[import-untyped]  # no stubs installed
 
@@ -37,18 +47,22 @@ from zlh.errors import ConfigError, ProvisionError
 from zlh.opconfig import SshConfig
 from zlh.playbooks import Playbook
 
+if TYPE_CHECKING:
+    from zlh.providers.base import ServerFiles
+
 log = logging.getLogger(__name__)
 
 PROCESS = "ssh"
 PORT = "ssh"
 SSHD = "/usr/sbin/sshd"
-HOST_KEY = "etc/ssh/ssh_host_ed25519_key"  # relative to the container root
-AUTHORIZED_KEYS = "etc/ssh/zlh_authorized_keys"
-CONFIG = "etc/ssh/sshd_config"
+# Relative to the container root.
+HOST_KEY = "etc/zlh/sshd/ssh_host_ed25519_key"
+AUTHORIZED_KEYS = "etc/zlh/sshd/authorized_keys"
+CONFIG = "etc/zlh/sshd/sshd_config"
 SESSION = "etc/zlh/ssh-session"  # the ForceCommand: every session starts from one PATH
 SESSION_RC = "etc/zlh/ssh-bashrc"  # an interactive bash's rc file: the user's, then ours
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
-PID_FILE = "var/run/sshd.pid"
+PID_FILE = "run/zlh/sshd.pid"
 PRIVSEP_DIR = Path("/run/sshd")
 DEFAULT_KEYS = ("id_ed25519.pub", "id_ecdsa.pub", "id_rsa.pub")  # sshd running as root wants it
 
@@ -88,25 +102,33 @@ def key_source(config: SshConfig) -> Path | None:
     return None
 
 
-def host_key(container: Path) -> Path:
-    """The container's host key, generated once (a resumed run keeps it)."""
-    path = container / HOST_KEY
-    if not path.is_file():
-        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+def host_key(files: ServerFiles, name: str) -> str:
+    """The public half of the container's host key, generated once (a resumed run keeps
+    it) on this machine and written into the container, the private half 0600."""
+    try:
+        public = files.read_text(f"{HOST_KEY}.pub")
+        files.read_text(HOST_KEY)
+        return public
+    except FileNotFoundError:
+        pass
+    with tempfile.TemporaryDirectory(prefix="zlh-sshd-") as tmp:
+        path = Path(tmp) / "key"
         done = subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
-                               f"zlh-{container.name}", "-f", str(path)],
+                               f"zlh-{name}", "-f", str(path)],
                               capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise ProvisionError(f"ssh-keygen failed: {done.stderr.strip()}")
-    os.chmod(path, 0o600)
-    return path
+        public = Path(f"{path}.pub").read_text()
+        files.write_text(HOST_KEY, path.read_text(), 0o600)
+    files.write_text(f"{HOST_KEY}.pub", public)
+    return public
 
 
-def config_text(container: Path, port: int) -> str:
+def config_text(container: PurePosixPath, port: int, address: str) -> str:
     env = container / ENV_FILE
     lines = [
         "# Written by zlh at provisioning.",
-        "ListenAddress 127.0.0.1", f"Port {port}",
+        f"ListenAddress {address}", f"Port {port}",
         f"HostKey {container / HOST_KEY}",
         f"PidFile {container / PID_FILE}",
         f"AuthorizedKeysFile {container / AUTHORIZED_KEYS}",
@@ -121,7 +143,7 @@ def config_text(container: Path, port: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def session_script(container: Path) -> str:
+def session_script(container: PurePosixPath) -> str:
     env, rc = container / ENV_FILE, container / SESSION_RC
     return "\n".join([
         "#!/bin/sh",
@@ -139,36 +161,36 @@ def session_script(container: Path) -> str:
     ]) + "\n"
 
 
-def session_rc(container: Path) -> str:
+def session_rc(container: PurePosixPath) -> str:
     return ("# Written by zlh: the user's rc file, then the container's PATH.\n"
             '[ -r "$HOME/.bashrc" ] && . "$HOME/.bashrc"\n'
             f". '{container / ENV_FILE}'\n")
 
 
-def prepare(container: Path, port: int, config: SshConfig, address: str) -> None:
-    """Host key, authorized keys and sshd_config in the container; the key in known_hosts."""
-    key = host_key(container)
-    keys = container / AUTHORIZED_KEYS
-    keys.write_text(public_keys(config))
-    os.chmod(keys, 0o644)
-    (container / PID_FILE).parent.mkdir(parents=True, exist_ok=True)
-    (container / CONFIG).write_text(config_text(container, port))
-    (container / SESSION).write_text(session_script(container))
-    os.chmod(container / SESSION, 0o755)
-    (container / SESSION_RC).write_text(session_rc(container))
-    if os.geteuid() == 0:
-        PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
-    record_host_key(Path(f"{key}.pub"), address, port, config)
+def prepare(files: ServerFiles, name: str, port: int, config: SshConfig, address: str,
+            in_container: bool) -> None:
+    """Host key, authorized keys and sshd_config in the container of server `name`; the
+    key in known_hosts. `files` is the container's root; `address` is where sshd listens."""
+    root = PurePosixPath(files.root)
+    public = host_key(files, name)
+    files.write_text(AUTHORIZED_KEYS, public_keys(config))
+    files.mkdir(str(PurePosixPath(PID_FILE).parent))
+    files.write_text(CONFIG, config_text(root, port, address))
+    files.write_text(SESSION, session_script(root), 0o755)
+    files.write_text(SESSION_RC, session_rc(root))
+    if not in_container and os.geteuid() == 0:
+        PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)  # in a container, at each start
+    record_host_key(public, address, port, config)
 
 
-def record_host_key(public: Path, address: str, port: int, config: SshConfig) -> str:
+def record_host_key(public: str, address: str, port: int, config: SshConfig) -> str:
     """Put the key zlh generated into its known_hosts for `[address]:port`, replacing
     what an earlier container on the same address and port left there."""
-    key_type, data = public.read_text().split()[:2]
+    key_type, data = public.split()[:2]
     name = address if port == 22 else f"[{address}]:{port}"
     entry = paramiko.hostkeys.HostKeyEntry.from_line(f"{name} {key_type} {data}")
     if entry is None or entry.key is None:
-        raise ProvisionError(f"{public}: not an OpenSSH public key")
+        raise ProvisionError(f"{name}: not an OpenSSH public key: {public[:60]!r}")
     path = config.known_hosts_file()
     keys = paramiko.HostKeys()
     if path.is_file():
@@ -182,16 +204,19 @@ def record_host_key(public: Path, address: str, port: int, config: SshConfig) ->
     return name
 
 
-def process_spec(container: Path, port: int) -> ProcessSpec:
+def process_spec(container: PurePosixPath, port: int, address: str,
+                 in_container: bool) -> ProcessSpec:
     """sshd as the supervised process `ssh`; SIGTERM ends it and its sessions."""
+    argv = [SSHD, "-D", "-e", "-f", str(container / CONFIG)]
+    if in_container:
+        # Its privilege separation folder lives on /run, which a container's start empties.
+        argv = ["/bin/sh", "-c", f"mkdir -p -m 0755 {PRIVSEP_DIR} && exec {shlex.join(argv)}"]
     return ProcessSpec(
-        name=PROCESS, kind="service",
-        argv=[SSHD, "-D", "-e", "-f", str(container / CONFIG)],
+        name=PROCESS, kind="service", argv=argv,
         startup_timeout=30,
         stop=StopSpec(signal="SIGTERM", grace=5, term_grace=5),
         restart=RestartSpec(policy="on-failure", backoff_initial=1, backoff_max=30),
-        readiness=TcpProbe(type="tcp", host="127.0.0.1", port=port, interval=0.25,
-                           timeout=2),
+        readiness=TcpProbe(type="tcp", host=address, port=port, interval=0.25, timeout=2),
     )
 
 

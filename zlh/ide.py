@@ -14,21 +14,21 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
 from zlh import codeserver, records
-from zlh.devcontainer import container_root
 from zlh.errors import ConfigError, NotFoundError, ProvisionError, UsageError, ZlhError
 from zlh.inventory import Server
-from zlh.yamlfile import display_path, read_yaml, validate
+from zlh.yamlfile import read_yaml, validate
 
 if TYPE_CHECKING:
     from agentd.models import ProcessStatus
     from zlh.agent_client import AgentClient
+    from zlh.providers.base import ServerFiles
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,11 @@ def ide_access(name: str, local: bool = False, show_password: bool = False) -> I
     record = _dev_server(name)
     url = local_url(record) if local else hosted_url(record, load_config())
     state, ready, user = _process_state(record)
-    root = _container(record)
-    password = codeserver.read_password(root) if show_password else None
-    path = str(codeserver.password_path(root))
-    return IdeAccess(name, url, local, user, state, ready, path, password)
+    with _container_files(record) as files:
+        password = codeserver.read_password(files)
+        where = _password_file(record, files.root)
+    return IdeAccess(name, url, local, user, state, ready, where,
+                     password if show_password else None)
 
 
 def hosted_url(record: Server, config: IdeConfig) -> str:
@@ -91,7 +92,9 @@ def hosted_url(record: Server, config: IdeConfig) -> str:
         raise ConfigError("no ide_url in the operator config (for example "
                           "`ide_url: https://dev-{vmid}.{domain}/`); on the local provider, "
                           "use --local")
-    vmid = record.name if record.provider == "local" else (record.provider_id or record.name)
+    # A Proxmox container's provider id is NODE/VMID.
+    vmid = record.name if record.provider == "local" else \
+        (record.provider_id or record.name).rsplit("/", 1)[-1]
     try:
         return config.ide_url.format(vmid=vmid, name=record.name, domain=config.domain or "")
     except (KeyError, IndexError, ValueError) as exc:
@@ -111,12 +114,15 @@ def rotate(name: str) -> Rotated:
     from zlh.servers import agent_client
 
     record = _dev_server(name)
-    path = codeserver.rotate_secret(_container(record))
+    with _container_files(record) as files:
+        codeserver.read_password(files)  # a dev container's, provisioned
+        codeserver.rotate_secret(files)
+        path = _password_file(record, files.root)
     log.info("IDE password of %s replaced in %s", name, path)
     with agent_client(record, timeout=60) as client:
         client.action(codeserver.PROCESS, "restart")
         process = _wait_ready(client, name)
-    return Rotated(name, str(path), process.state, process.ready, process.pid)
+    return Rotated(name, path, process.state, process.ready, process.pid)
 
 
 def _wait_ready(client: AgentClient, name: str) -> ProcessStatus:
@@ -140,17 +146,18 @@ def _dev_server(name: str) -> Server:
     return record
 
 
-def _container(record: Server) -> Path:
-    """The container's root folder; it must hold the IDE password already."""
+def _container_files(record: Server) -> AbstractContextManager[ServerFiles]:
+    """The container's files: a folder here, or over SSH."""
     from zlh.paths import zlh_home
     from zlh.providers import get_provider
 
-    root = container_root(get_provider(record.provider, zlh_home()), record.name)
-    path = codeserver.password_path(root)
-    if not path.is_file():
-        raise NotFoundError(f"no IDE password for {record.name} at {display_path(path)}; "
-                            f"re-run `zlh provision {record.playbook} {record.name}`")
-    return root
+    return get_provider(record.provider, zlh_home()).container_files(record.name)
+
+
+def _password_file(record: Server, root: str) -> str:
+    """The password file's path; in a container behind SSH, as `NAME:PATH`."""
+    path = str(codeserver.password_path(root))
+    return path if record.provider == "local" or root != "/" else f"{record.name}:{path}"
 
 
 def _process_state(record: Server) -> tuple[str, bool, str | None]:

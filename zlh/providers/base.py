@@ -39,15 +39,25 @@ class AgentProcess:
 
 
 class ServerFiles(Protocol):
-    """A container's server root as provisioning fills it, on this machine or over SSH.
+    """A container's files as provisioning fills them, on this machine or over SSH: its
+    server root (`server_files`) or its whole root (`container_files`).
 
-    `root` is the server root as the container's processes see it (what playbook
-    templates get as `${root}`); `rel` paths are relative to it.
+    `root` is that folder as the container's processes see it (the server root is what
+    playbook templates get as `${root}`); `rel` paths are relative to it.
     """
 
     root: str
 
-    def write_text(self, rel: str, text: str) -> None:
+    def write_text(self, rel: str, text: str, mode: int = 0o644) -> None:
+        """Write `rel`, its folders made; `mode` is set before a byte lands (secrets)."""
+        ...
+
+    def read_text(self, rel: str) -> str:
+        """The text of `rel`; FileNotFoundError when it is not there."""
+        ...
+
+    def mkdir(self, rel: str) -> None:
+        """Make the folder `rel` and its parents (mode 0755) unless they exist."""
         ...
 
     def put(self, local: Path, rel: str) -> None:
@@ -76,6 +86,10 @@ class Provider(Protocol):
 
     def server_files(self, name: str) -> AbstractContextManager[ServerFiles]:
         """The server root to write artifacts and rendered files into."""
+        ...
+
+    def container_files(self, name: str) -> AbstractContextManager[ServerFiles]:
+        """The container's whole root (dev containers' IDE and sshd files)."""
         ...
 
     def start_agent(self, name: str, timeout: float) -> AgentProcess:

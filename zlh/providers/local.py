@@ -74,6 +74,9 @@ class LocalProvider:
     def server_files(self, name: str) -> AbstractContextManager[LocalServerFiles]:
         return nullcontext(LocalServerFiles(self.server_root(name)))
 
+    def container_files(self, name: str) -> AbstractContextManager[LocalServerFiles]:
+        return nullcontext(LocalServerFiles(self.folder(name)))
+
     def create(self, name: str, agent_port: int) -> str:
         """Lay out the folder and the agent's config; keeps an existing token."""
         top = self.folder(name)
@@ -226,10 +229,22 @@ class LocalServerFiles:
         self.path = path
         self.root = str(path)
 
-    def write_text(self, rel: str, text: str) -> None:
+    def write_text(self, rel: str, text: str, mode: int = 0o644) -> None:
         target = self.path / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text, encoding="utf-8")
+        temp = target.with_name(f".{target.name}.zlh-tmp")
+        temp.unlink(missing_ok=True)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with open(fd, "w", encoding="utf-8") as handle:
+            os.fchmod(fd, mode)  # whatever the umask
+            handle.write(text)
+        os.replace(temp, target)
+
+    def read_text(self, rel: str) -> str:
+        return (self.path / rel).read_text(encoding="utf-8")
+
+    def mkdir(self, rel: str) -> None:
+        (self.path / rel).mkdir(mode=0o755, parents=True, exist_ok=True)
 
     def put(self, local: Path, rel: str) -> None:
         target = self.path / rel

@@ -398,10 +398,6 @@ class ProxmoxProvider:
         return RemoteContainer(self._hop(address), self.ssh, self.config.agent_python)
 
     def create(self, name: str, agent_port: int) -> str:
-        if self.over_ssh and self.playbook is not None and self.playbook.dev is not None:
-            raise ProvisionError(f"playbook {self.playbook.name} is a dev container: its "
-                                 "IDE and sshd files are not written over SSH yet; use "
-                                 "the local provider or proxmox.backing_root")
         container = self.create_container(name)
         self.start(name)
         address = self.wait_address(name)
@@ -452,6 +448,11 @@ class ProxmoxProvider:
         if self.over_ssh:
             return self._remote(name).server_files()
         return self._backing().server_files(self._key(name))
+
+    def container_files(self, name: str) -> AbstractContextManager[ServerFiles]:
+        if self.over_ssh:
+            return self._remote(name).server_files("/")
+        return self._backing().container_files(self._key(name))
 
     def start_agent(self, name: str, timeout: float) -> AgentProcess:
         if not self.over_ssh:
@@ -513,8 +514,12 @@ class ProxmoxProvider:
         address = self._addresses.get(name) or (record.address if record else "") or ""
         self.delete_container(name)
         if self.over_ssh:
-            if address:
-                zssh.forget(self._hop(address), self.ssh)  # the next container there is new
+            # The next container at the address is another: its sshd's key, and its dev
+            # sshd's (zlh recorded that one at provisioning), are forgotten.
+            ports = [self.ssh.port, *([record.ports["ssh"]] if record and "ssh" in
+                                      record.ports else [])]
+            for port in ports if address else []:
+                zssh.forget(Hop(self.ssh.user, address, int(port)), self.ssh)
             if self._local(name).exists():
                 shutil.rmtree(self._local(name))
 

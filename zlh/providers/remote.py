@@ -30,6 +30,7 @@ import logging
 import os
 import posixpath
 import shlex
+import shutil
 import stat
 import subprocess
 import sys
@@ -65,6 +66,7 @@ UNIT_PATH = f"/etc/systemd/system/{UNIT}"
 LAYOUT = ("/etc/zlh", "/var/lib/zlh", "/var/log/zlh", "/opt/zlh/runtimes", WHEELS,
           AGENT_HOME, SERVER_ROOT)
 CONSOLE_RING = 5000
+COPY_CHUNK = 32768  # SFTP's usual write size
 COMMAND_TIMEOUT = 120.0
 # Creating the venv and installing the wheel's dependencies from the package index.
 INSTALL_TIMEOUT = 900.0
@@ -163,9 +165,10 @@ class RemoteContainer:
             _write(sftp, TOKEN, token.encode(), 0o600)
 
     @contextmanager
-    def server_files(self) -> Iterator[SshServerFiles]:
+    def server_files(self, root: str = SERVER_ROOT) -> Iterator[SshServerFiles]:
+        """The server root, or with `root="/"` the container's whole file system."""
         with self.session() as conn, _sftp(conn) as sftp:
-            yield SshServerFiles(conn, sftp, SERVER_ROOT)
+            yield SshServerFiles(conn, sftp, root)
 
     # -- the agent --------------------------------------------------------------------
 
@@ -279,7 +282,7 @@ echo "$pid"
 
 
 class SshServerFiles:
-    """The server root of a container behind SSH."""
+    """The server root (or another folder) of a container behind SSH."""
 
     def __init__(self, conn: zssh.Connection, sftp: paramiko.SFTPClient, root: str) -> None:
         self.conn = conn
@@ -288,14 +291,22 @@ class SshServerFiles:
 
     def _path(self, rel: str) -> str:
         path = posixpath.normpath(posixpath.join(self.root, rel))
-        if path != self.root and not path.startswith(self.root + "/"):
+        inside = self.root.rstrip("/") + "/"
+        if path != self.root and not path.startswith(inside):
             raise ValueError(f"{rel!r} is outside the server root")
         return path
 
-    def write_text(self, rel: str, text: str) -> None:
+    def write_text(self, rel: str, text: str, mode: int = 0o644) -> None:
         path = self._path(rel)
         _mkdirs(self.sftp, posixpath.dirname(path))
-        _write(self.sftp, path, text.encode("utf-8"), 0o644)
+        _write(self.sftp, path, text.encode("utf-8"), mode)
+
+    def read_text(self, rel: str) -> str:
+        with self.sftp.open(self._path(rel), "r") as handle:
+            return bytes(handle.read()).decode("utf-8")
+
+    def mkdir(self, rel: str) -> None:
+        _mkdirs(self.sftp, self._path(rel))
 
     def put(self, local: Path, rel: str) -> None:
         path = self._path(rel)
@@ -431,9 +442,12 @@ def _write(sftp: paramiko.SFTPClient, path: str, data: bytes, mode: int) -> None
 
 
 def _put(sftp: paramiko.SFTPClient, local: Path, path: str) -> None:
+    """Copy a file with its mode, set before any byte lands (as `_write`)."""
     temp = f"{path}.zlh-tmp"
-    sftp.put(str(local), temp)
-    sftp.chmod(temp, stat.S_IMODE(local.stat().st_mode))
+    with open(local, "rb") as source, sftp.open(temp, "w") as handle:
+        sftp.chmod(temp, stat.S_IMODE(os.fstat(source.fileno()).st_mode))
+        handle.set_pipelined(True)
+        shutil.copyfileobj(source, handle, COPY_CHUNK)
     sftp.posix_rename(temp, path)
 
 
