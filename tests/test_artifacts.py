@@ -118,7 +118,65 @@ def test_python_builds_twice_to_the_committed_catalog(tmp_path: Path):
     assert last.startswith("ImportError: /") and last.endswith("/libsqlite3.so.0: file too short")
 
 
-def test_python_of_an_unknown_version_names_the_known_ones(tmp_path: Path):
-    with pytest.raises(NotFoundError, match=r"no Debian revision known for Python 3\.12\.0; "
-                                            r"known: 3\.11\.2"):
-        artifacts.add("python", "3.12.0", tmp_path)
+def test_jdk_builds_twice_to_the_committed_catalog(tmp_path: Path):
+    """A JDK from Debian's openjdk-17 packages: two builds, the same bytes, the catalog's
+    sha256; unpacked elsewhere, javac and java find their home there, the configuration
+    Debian keeps in /etc is in the tree, and the default trust store is the runtime's own."""
+    from agentd import runtimes
+
+    located = catalog.find("jdk", arch=catalog.machine_arch())
+    version = located.version.version
+    first = artifacts.add("jdk", version, tmp_path / "one")
+    second = artifacts.add("jdk", version, tmp_path / "two")
+    assert first.sha256 == second.sha256 == located.artifact.sha256
+    assert first.size == second.size == located.artifact.size
+    assert first.verify == located.artifact.verify
+
+    tree = tmp_path / "somewhere/else"
+    tree.parent.mkdir()
+    runtimes.extract(first.file, "tar.zst", tree)
+    assert located.artifact.verify is not None
+    assert runtimes.run_verify(tree, located.artifact.verify, located.artifact.path) == \
+        f"javac {version}"
+    assert not (tree / "jmods").exists()
+    assert [p for p in tree.rglob("*") if p.is_symlink() and os.readlink(p).startswith("/")] \
+        == []
+    assert "keystore.type.compat=true" in (tree / "conf/security/java.security").read_text()
+
+    (tmp_path / "Where.java").write_text(WHERE)
+    subprocess.run([str(tree / "bin/javac"), "-d", str(tmp_path), str(tmp_path / "Where.java")],
+                   check=True, timeout=120)
+    done = subprocess.run([str(tree / "bin/java"), "-Xshare:on", "-cp", str(tmp_path), "Where"],
+                          capture_output=True, text=True, check=True, timeout=60)
+    # 142: the Mozilla certificates of ca-certificates 20230311+deb12u1.
+    assert done.stdout == f"{tree} {version} 142\n"
+    # keytool checks the keystore's seal with the JDK's default password.
+    listed = subprocess.run([str(tree / "bin/keytool"), "-list", "-cacerts", "-storepass",
+                             "changeit"], capture_output=True, text=True, check=False,
+                            timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert "Your keystore contains 142 entries" in listed.stdout
+
+
+# Where the JVM says its home is, its version, and how many issuers TLS trusts by default.
+WHERE = """\
+public class Where {
+    public static void main(String[] args) throws Exception {
+        var factory = javax.net.ssl.TrustManagerFactory.getInstance("PKIX");
+        factory.init((java.security.KeyStore) null);
+        var trust = (javax.net.ssl.X509TrustManager) factory.getTrustManagers()[0];
+        System.out.println(System.getProperty("java.home") + " "
+            + System.getProperty("java.version") + " " + trust.getAcceptedIssuers().length);
+    }
+}
+"""
+
+
+@pytest.mark.parametrize("kind, version, message", [
+    ("python", "3.12.0", r"no Debian revision known for Python 3\.12\.0; known: 3\.11\.2"),
+    ("jdk", "21.0.1", r"no Debian revision known for JDK 21\.0\.1; known: 17\.0\.19"),
+], ids=["python", "jdk"])
+def test_a_debian_runtime_of_an_unknown_version_names_the_known_ones(
+        tmp_path: Path, kind: str, version: str, message: str):
+    with pytest.raises(NotFoundError, match=message):
+        artifacts.add(kind, version, tmp_path)

@@ -338,6 +338,7 @@ def test_without_a_limit_there_is_no_warning(agent: AgentProcess) -> None:
 # -- the dev playbooks -------------------------------------------------------------------
 
 DEV_PLAYBOOKS = ["dev-dotnet", "dev-java", "dev-node", "dev-python"]
+RUNTIME_OF = {"dev-java": "jdk"}  # the others are named after their runtime
 
 
 @pytest.mark.parametrize("name", DEV_PLAYBOOKS, ids=DEV_PLAYBOOKS)
@@ -347,7 +348,8 @@ def test_a_dev_playbook_names_its_runtime_tier_and_ide(name: str) -> None:
     assert (playbook.kind, playbook.tier, playbook.problems()) == ("dev", "small", [])
     assert playbook.dev is not None and playbook.dev.code_server and playbook.dev.ssh
     assert playbook.ports["ide"].protocol == "tcp" and playbook.processes == {}
-    assert [r.name for r in playbook.runtimes] == [name.removeprefix("dev-")]
+    assert [r.name for r in playbook.runtimes] == [
+        RUNTIME_OF.get(name, name.removeprefix("dev-"))]
     assert playbook.resources["small"].memory_mb == 1280
 
 

