@@ -283,6 +283,54 @@ def test_a_provision_cut_off_after_a_step_resumes_over_ssh(ssh_cluster: SshClust
     assert cluster.game("mt2")["ready"] is True
 
 
+def host_fingerprints(folder: Path) -> list[str]:
+    """The SHA256 fingerprints of a container's host keys, as ssh-keygen prints them."""
+    found = []
+    for public in sorted((folder / "etc/ssh").glob("ssh_host_*_key.pub")):
+        listed = subprocess.run(["ssh-keygen", "-l", "-E", "sha256", "-f", str(public)],
+                                capture_output=True, text=True, check=True)
+        found.append(listed.stdout.split()[1])
+    return found
+
+
+@pytest.mark.parametrize("log_kept", [True, False], ids=["log-read-again", "log-gone"])
+def test_a_provision_killed_before_it_kept_the_host_keys(
+    ssh_cluster: SshCluster, log_kept: bool,
+) -> None:
+    cluster = ssh_cluster
+    cluster.names.add("mt5")
+    # Killed where it reads the create task's log, which ended OK: the container is made,
+    # the fingerprints are not kept.
+    cluster.pve.hold_task_logs()
+    first = cluster.popen("provision", "--provider", "proxmox", "minetest", "mt5")
+    try:
+        assert cluster.pve.task_log_asked.wait(120), "the create task's log was never read"
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+        cluster.pve.release_task_logs()
+    kept = cluster.tmp / "home/proxmox/mt5/host-keys"
+    assert not kept.exists() and list(cluster.pve.containers) == [100]
+    if not log_kept:
+        cluster.pve.tasks.clear()  # Proxmox rotated its task logs away
+
+    again = cluster.provision("mt5")
+    listed = cluster.pve.params_of("GET", "/nodes/pve1/tasks")
+    assert [(p["vmid"], p["typefilter"]) for p in listed] == [("100", "vzcreate")]
+    if not log_kept:
+        assert again.returncode == 8
+        assert again.stderr.splitlines()[-1] == (
+            "zlh: error: provisioning mt5: step container-created failed: no record of the "
+            "host keys Proxmox made for mt5, and Proxmox no longer has its create task's "
+            "log; check the container in the Proxmox console, or `zlh delete mt5` and "
+            "provision it again")
+        return
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["resumed"] is True
+    assert sorted(kept.read_text().split()) == sorted(host_fingerprints(cluster.folder(100)))
+    assert cluster.game("mt5")["ready"] is True
+
+
 def test_snapshot_rollback_and_ssh_through_the_cli(ssh_cluster: SshCluster) -> None:
     cluster = ssh_cluster
     assert cluster.provision("mt3").returncode == 0

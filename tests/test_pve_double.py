@@ -153,6 +153,31 @@ def test_a_task_runs_then_stops_with_a_real_upid(api: ProxmoxAPI) -> None:
     assert api.nodes("pve1").tasks(upid).log.get()[-1]["t"] == "TASK OK"
 
 
+def test_the_task_list_filters_as_proxmox_does(pve: PveDouble, api: ProxmoxAPI) -> None:
+    make_ct(api, 100)
+    make_ct(api, 101)
+    pve.fail_next("vzstart", "startup for container '100' failed")
+    failed = api.nodes("pve1").lxc(100).status.start.post()
+    wait_task(api, "pve1", failed)
+
+    created = api.nodes("pve1").tasks.get(vmid=100, typefilter="vzcreate")
+    assert [(t["type"], t["id"], t["status"]) for t in created] == [("vzcreate", "100", "OK")]
+    assert set(created[0]) == {"upid", "node", "pid", "pstart", "starttime", "type", "id",
+                               "user", "status", "endtime"}
+    assert api.nodes("pve1").tasks(created[0]["upid"]).log.get()[-1]["t"] == "TASK OK"
+    # Newest first; a failed task's status is its error.
+    every = api.nodes("pve1").tasks.get()
+    assert [t["type"] for t in every] == ["vzstart", "vzcreate", "vzcreate"]
+    assert every[0]["status"] == "startup for container '100' failed"
+    assert [t["upid"] for t in api.nodes("pve1").tasks.get(errors=1)] == [failed]
+    assert api.nodes("pve1").tasks.get(source="active") == []
+
+    with pytest.raises(ResourceException) as caught:
+        api.nodes("pve1").tasks.get(vmid=5, source="everything")
+    assert caught.value.status_code == 400
+    assert set(caught.value.errors) == {"vmid", "source"}
+
+
 def test_scripted_task_failure_and_warnings(pve: PveDouble, api: ProxmoxAPI) -> None:
     make_ct(api)
     pve.fail_next("vzstart", "startup for container '100' failed")

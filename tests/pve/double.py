@@ -18,7 +18,8 @@ which expire after `ticket_lifetime` seconds.
 
 Faults a test can script: `fail_next(task_type, message)`, `warn_next(task_type, n)`,
 `lock(vmid, reason)`, `interface_plan` (what `/interfaces` answers after a start, call by
-call), `revoke_tickets()`.
+call), `revoke_tickets()`, `hold_task_logs()` (task log reads wait, `task_log_asked` is
+set, until `release_task_logs()`: a client can be killed right where it reads one).
 
 Backing: with `backing_root`, each container gets a folder `backing_root/VMID/` (its root
 file system). The SSH keys given at create land in `root/.ssh/authorized_keys`; stopping
@@ -140,6 +141,7 @@ class Task:
     starttime: int
     status: str = "running"
     exitstatus: str | None = None
+    endtime: int | None = None
     log: list[str] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -151,6 +153,14 @@ class Task:
         }
         if self.exitstatus is not None:
             data["exitstatus"] = self.exitstatus
+        return data
+
+    def as_list_entry(self) -> dict[str, Any]:
+        """As `GET /nodes/{node}/tasks` lists it: a finished task's `status` is its exit
+        status, with its `endtime`."""
+        data = {k: v for k, v in self.as_status().items() if k not in ("status", "exitstatus")}
+        if self.exitstatus is not None:
+            data.update(status=self.exitstatus, endtime=self.endtime)
         return data
 
 
@@ -195,6 +205,9 @@ class PveDouble:
         self.nextid_lag = 0.0
         self.requests: list[Request] = []
         self.logins = 0
+        self._log_gate = threading.Event()
+        self._log_gate.set()
+        self.task_log_asked = threading.Event()
         self._users: dict[str, str] = {}
         self._tokens: dict[str, str] = {}
         self._tickets: dict[str, tuple[str, float, str]] = {}
@@ -225,6 +238,7 @@ class PveDouble:
         return self
 
     def stop(self) -> None:
+        self._log_gate.set()  # no request left waiting
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -279,6 +293,14 @@ class PveDouble:
         """Every ticket stops working, as after its expiry."""
         with self._lock:
             self._tickets.clear()
+
+    def hold_task_logs(self) -> None:
+        """Task log reads wait from now on until `release_task_logs()`."""
+        self.task_log_asked.clear()
+        self._log_gate.clear()
+
+    def release_task_logs(self) -> None:
+        self._log_gate.set()
 
     def params_of(self, method: str, suffix: str) -> list[dict[str, str]]:
         """The parameters of each request whose path ends with `suffix`."""
@@ -368,6 +390,7 @@ class PveDouble:
             ("DELETE", f"{lxc}/snapshot/{{snapname}}"): self._delete_snapshot,
             ("POST", f"{lxc}/snapshot/{{snapname}}/rollback"): self._rollback,
             ("GET", "/nodes/{node}/storage/{storage}/content"): self._content,
+            ("GET", "/nodes/{node}/tasks"): self._list_tasks,
             ("GET", "/nodes/{node}/tasks/{upid}/status"): self._task_status,
             ("GET", "/nodes/{node}/tasks/{upid}/log"): self._task_log,
         }
@@ -758,6 +781,7 @@ class PveDouble:
         with self._lock:
             task.log.append(last_line)
             task.exitstatus = exitstatus
+            task.endtime = int(time.time())
             task.status = "stopped"
         task.done.set()
 
@@ -772,7 +796,30 @@ class PveDouble:
         with self._lock:
             return self._task(params).as_status()
 
+    def _list_tasks(self, params: dict[str, str], user: str) -> list[dict[str, Any]]:
+        """The node's tasks, newest first, filtered as Proxmox filters them."""
+        node = self._node(params["node"]).name
+        source = params.get("source", "archive")
+        wanted = {"archive": ("stopped",), "active": ("running",),
+                  "all": ("stopped", "running")}[source]
+        with self._lock:
+            tasks = [t for t in self.tasks.values() if t.node == node and t.status in wanted]
+        if "vmid" in params:
+            tasks = [t for t in tasks if t.id == params["vmid"]]
+        if "typefilter" in params:
+            tasks = [t for t in tasks if t.type.startswith(params["typefilter"])]
+        if "userfilter" in params:
+            tasks = [t for t in tasks if params["userfilter"] in t.user]
+        if params.get("errors") in ("1", "true"):
+            tasks = [t for t in tasks if t.exitstatus not in (None, "OK")]
+        tasks.sort(key=lambda t: (t.starttime, t.pid), reverse=True)
+        start, limit = int(params.get("start", "0")), int(params.get("limit", "50"))
+        with self._lock:
+            return [t.as_list_entry() for t in tasks[start:start + limit]]
+
     def _task_log(self, params: dict[str, str], user: str) -> list[dict[str, Any]]:
+        self.task_log_asked.set()
+        self._log_gate.wait()
         task = self._task(params)
         start, limit = int(params.get("start", "0")), int(params.get("limit", "50"))
         with self._lock:
@@ -812,8 +859,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status, reason.encode("latin-1", "replace").decode("latin-1"))
         self.send_header("Content-Type", "application/json;charset=UTF-8")
         self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError as exc:  # ssl.SSLError too: the client went away (a killed zlh)
+            log.debug("pve double: answer to a client that left: %s", exc)
+            self.close_connection = True
 
     do_GET = do_POST = do_PUT = do_DELETE = _answer
 

@@ -45,7 +45,7 @@ from zlh.opconfig import ProxmoxConfig, SshConfig
 from zlh.providers import remote
 from zlh.providers.base import AgentEndpoint, AgentProcess, ServerFiles
 from zlh.providers.remote import RemoteContainer
-from zlh.pve import ProxmoxError, PveClient
+from zlh.pve import WARNINGS, ProxmoxError, PveClient
 from zlh.ssh import Hop
 
 if TYPE_CHECKING:
@@ -415,15 +415,14 @@ class ProxmoxProvider:
         """Record the container's host key, checked against the fingerprints its create
         task logged; wait for its sshd while it starts."""
         hop = self._hop(address)
-        try:
-            logged = (self._local(name) / HOST_KEYS).read_text().split()
-        except FileNotFoundError:
+        logged = self._logged_host_keys(name)
+        if not logged:
             if zssh.is_known(hop, self.ssh):
                 return  # recorded before; every connection checks it
             raise ProvisionError(
-                f"no record of the host keys Proxmox made for {name} (the run that created "
-                f"it stopped before keeping them); check its key in the Proxmox console and "
-                f"run `zlh ssh trust {address}:{hop.port}`, or delete it") from None
+                f"no record of the host keys Proxmox made for {name}, and Proxmox no longer "
+                f"has its create task's log; check the container in the Proxmox console, "
+                f"or `zlh delete {name}` and provision it again")
         deadline = time.monotonic() + self.config.address_timeout
         while True:
             try:
@@ -433,6 +432,31 @@ class ProxmoxProvider:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(SSHD_POLL_S)
+
+    def _logged_host_keys(self, name: str) -> list[str]:
+        """The fingerprints kept when the create task ended; when the run that created the
+        container stopped before keeping them, its create task's log is read again."""
+        try:
+            return (self._local(name) / HOST_KEYS).read_text().split()
+        except FileNotFoundError:
+            pass
+        upid = self._create_task(self._get(name))
+        if upid is None:
+            return []
+        log.info("reading the host keys of %s from its create task again (%s)", name, upid)
+        lines = self.client.task_log(upid)
+        self._keep_host_keys(name, lines)
+        return host_key_fingerprints(lines)
+
+    def _create_task(self, container: Container) -> str | None:
+        """The UPID of the newest create task of the container's vmid that succeeded."""
+        tasks = self.client.get(f"nodes/{container.node}/tasks", vmid=container.vmid,
+                                typefilter="vzcreate", source="archive")
+        done = [t for t in tasks if t.get("status") == "OK" or
+                WARNINGS.fullmatch(str(t.get("status", "")))]
+        newest = max(done, key=lambda t: (int(t.get("starttime", 0)), int(t.get("pid", 0))),
+                     default=None)
+        return None if newest is None else str(newest["upid"])
 
     def token_path(self, name: str) -> Path:
         if self.over_ssh:
