@@ -1,12 +1,13 @@
 """Backup archives: tar streamed through zstd, with a manifest, and their safe extraction.
 
-Writing: one pass over the files, in three threads, as `tar | zstd -T1` has three. The
-reading thread reads each file once into pooled buffers (tar headers and small files packed
-together), hashes it, and compares (size, mtime) before and after, so a file that changed
-while it was read is reported instead of silently cut. The compressing thread runs zstd on
-the full buffers; the writing thread hashes the compressed stream and writes it. hashlib,
-zstd and file I/O release the GIL on large buffers, so they run on all the cores there are.
-The manifest (every file's size and sha256) is the archive's last member.
+Writing: one pass over the files, in four threads, each with about a quarter of the work
+(`tar | zstd -T1` has three). The reading thread reads each file once into pooled buffers
+(tar headers and small files packed together) and compares (size, mtime) before and after,
+so a file that changed while it was read is reported instead of silently cut. The hashing
+thread computes each file's sha256 from the same buffers, the compressing thread runs zstd
+on them, and the writing thread hashes the compressed stream and writes it. hashlib, zstd
+and file I/O release the GIL on large buffers, so they run on all the cores there are. The
+manifest (every file's size and sha256) is the archive's last member.
 
 Reading: the archive's sha256 is checked before anything else. Members are extracted
 into a staging folder only: absolute names, `..`, links that leave the staging folder,
@@ -29,7 +30,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -169,83 +170,131 @@ class _Writer:
                 self.size += len(data)
 
 
-class _Compressor:
-    """The compressing thread: zstd on the buffers the reading thread fills; the compressed
-    stream goes to the writing thread. Buffers go back to the pool once compressed.
+@dataclass
+class _FileHash:
+    """One file's sha256, fed by the hashing thread; its manifest entry gets the result."""
 
-    An error here (a full disk) is raised in the reading thread at its next `take`; the
-    thread keeps returning buffers until it is told to end, so the reader never waits on
-    a thread that is gone.
+    entry: dict[str, object]
+    hash: Any = field(default_factory=hashlib.sha256)
+
+
+# (start, end, file, last): bytes [start, end) of a buffer belong to `file`; `last` when
+# they are the end of it.
+Segment = tuple[int, int, _FileHash, bool]
+Full = tuple[bytearray, int, list[Segment]]
+
+
+class _Pipeline:
+    """Behind the reading thread: a hashing thread (each file's sha256), a compressing
+    thread (zstd) and the writing thread. Buffers go from one to the next and back to the
+    pool once compressed.
+
+    An error in any of them (a full disk) is raised in the reading thread at its next
+    `take`; the threads keep passing buffers on until they are told to end, so the reader
+    never waits on a thread that is gone.
     """
 
     def __init__(self, out: BinaryIO, level: int) -> None:
         self.sink = _Writer(out)
         # The sink is a writable file-like object; zstandard's stubs ask for a narrower type.
-        self._writer = zstandard.ZstdCompressor(level=level).stream_writer(
+        self._zstd = zstandard.ZstdCompressor(level=level).stream_writer(
             self.sink, closefd=False, write_size=CHUNK)  # type: ignore[arg-type]
-        self._full: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+        self._to_hash: queue.Queue[Full | threading.Event | None] = queue.Queue()
+        self._to_compress: queue.Queue[Full | None] = queue.Queue()
         self._free: queue.Queue[bytearray] = queue.Queue()
         for _ in range(BUFFERS):
             self._free.put(bytearray(CHUNK))
         self._error: BaseException | None = None
         self._aborted = False
-        self._thread = threading.Thread(target=self._run, name="archive-zstd", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._hashing, name="archive-sha256",
+                                          daemon=True),
+                         threading.Thread(target=self._compressing, name="archive-zstd",
+                                          daemon=True)]
+        for thread in self._threads:
+            thread.start()
 
     def take(self) -> bytearray:
         """An empty buffer to fill (waits while all are in flight)."""
         buffer = self._free.get()
-        if self._error is not None:
-            raise self._error
+        self._check()
         return buffer
 
-    def send(self, buffer: bytearray, used: int) -> None:
-        self._full.put((buffer, used))
+    def send(self, buffer: bytearray, used: int, segments: list[Segment]) -> None:
+        self._to_hash.put((buffer, used, segments))
+
+    def hashed(self) -> None:
+        """Wait until every file sent so far is hashed (its manifest entry complete)."""
+        done = threading.Event()
+        self._to_hash.put(done)
+        done.wait()
+        self._check()
 
     def finish(self) -> None:
         """End the zstd frame and wait for everything to be written."""
-        self._full.put(None)
-        self._thread.join()
+        self._end()
+        self._check()
+
+    def abort(self) -> None:
+        """The reading side failed: end the threads without ending the frame."""
+        self._aborted = True
+        self._end()
+
+    def _end(self) -> None:
+        if any(thread.is_alive() for thread in self._threads):
+            self._to_hash.put(None)
+            for thread in self._threads:
+                thread.join()
+
+    def _check(self) -> None:
         if self._error is not None:
             raise self._error
 
-    def abort(self) -> None:
-        """The reading side failed: end the thread without ending the frame."""
-        if self._thread.is_alive():
-            self._aborted = True
-            self._full.put(None)
-            self._thread.join()
+    def _hashing(self) -> None:
+        while (item := self._to_hash.get()) is not None:
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            if self._error is None:
+                view = memoryview(item[0])
+                for start, end, file, last in item[2]:
+                    file.hash.update(view[start:end])
+                    if last:
+                        file.entry["sha256"] = file.hash.hexdigest()
+            self._to_compress.put(item)
+        self._to_compress.put(None)
 
-    def _run(self) -> None:
-        while (item := self._full.get()) is not None:
-            buffer, used = item
+    def _compressing(self) -> None:
+        while (item := self._to_compress.get()) is not None:
+            buffer, used, _ = item
             if self._error is None:
                 try:
-                    self._writer.write(memoryview(buffer)[:used])
+                    self._zstd.write(memoryview(buffer)[:used])
                 except BaseException as exc:  # noqa: BLE001 - raised again by the reader
                     self._error = exc
             self._free.put(buffer)
         try:
             if self._error is None and not self._aborted:
-                self._writer.close()  # ends the frame; closefd=False leaves `out` open
+                self._zstd.close()  # ends the frame; closefd=False leaves `out` open
             self.sink.close()
         except BaseException as exc:  # noqa: BLE001 - raised again by finish()
             self._error = self._error or exc
 
 
 class _Feed:
-    """The reading side: fills pooled buffers and hands each to the compressor when full."""
+    """The reading side: fills pooled buffers, noting which bytes are which file's, and
+    hands each buffer on when it is full."""
 
-    def __init__(self, compressor: _Compressor) -> None:
-        self._compressor = compressor
+    def __init__(self, pipeline: _Pipeline) -> None:
+        self._pipeline = pipeline
         self._buffer: bytearray | None = None
         self._used = 0
+        self._segments: list[Segment] = []
 
     def _space(self) -> memoryview:
         if self._buffer is not None and self._used == len(self._buffer):
             self.flush()
         if self._buffer is None:
-            self._buffer, self._used = self._compressor.take(), 0
+            self._buffer, self._used = self._pipeline.take(), 0
         return memoryview(self._buffer)[self._used:]
 
     def write(self, data: bytes) -> None:
@@ -257,19 +306,23 @@ class _Feed:
             self._used += count
             view = view[count:]
 
-    def copy(self, source: _FileSource) -> None:
-        while source.left > 0:
-            got = source.fill(self._space())  # _space() may start a new buffer
-            self._used += got
+    def copy(self, source: _FileSource, file: _FileHash) -> None:
+        while True:
+            space = self._space()  # may hand the full buffer on and take a new one
+            start = self._used
+            self._used += source.fill(space)
+            self._segments.append((start, self._used, file, source.left == 0))
+            if source.left == 0:
+                return
 
     def flush(self) -> None:
         if self._buffer is not None and self._used:
-            self._compressor.send(self._buffer, self._used)
-            self._buffer = None
+            self._pipeline.send(self._buffer, self._used, self._segments)
+            self._buffer, self._segments = None, []
 
 
 class _FileSource:
-    """Exactly `size` bytes of a file, read straight into the feed's buffers and hashed.
+    """Exactly `size` bytes of a file, read straight into the feed's buffers.
 
     tar needs exactly the size in the header: a file that shrank while it was read is
     padded with zeros (and reported), one that grew is cut at the header's size.
@@ -278,18 +331,16 @@ class _FileSource:
     def __init__(self, handle: io.FileIO, size: int) -> None:
         self._handle = handle
         self.left = size
-        self.hash = hashlib.sha256()
         self.short = False
 
     def fill(self, view: memoryview) -> int:
         """Read into `view` what is left, up to its length; the count."""
         want = min(len(view), self.left)
-        got = self._handle.readinto(view[:want]) or 0
+        got = (self._handle.readinto(view[:want]) or 0) if want else 0
         if got == 0 and want:
             self.short = True
             view[:want] = bytes(want)
             got = want
-        self.hash.update(view[:got])
         self.left -= got
         return got
 
@@ -312,21 +363,23 @@ def write_archive(root: Path, paths: list[str], excluder: Excluder, out: BinaryI
     """Archive `paths` (relative to `root`) into `out` as tar + zstd; returns the figures."""
     written = Written()
     manifest = _Manifest([os.path.normpath(p) for p in paths])
-    compressor = _Compressor(out, level)
+    pipeline = _Pipeline(out, level)
     try:
-        tar = _TarStream(_Feed(compressor))
+        tar = _TarStream(_Feed(pipeline))
         for rel, st in walk(root, manifest.paths, excluder, written.skipped):
             _add(tar, root, rel, st, manifest, written)
+        tar.flush()
+        pipeline.hashed()  # every file's sha256 is in the manifest now
         data = manifest.encode(meta)
         info = tarfile.TarInfo(MANIFEST)
         info.size, info.mtime, info.mode = len(data), int(float(str(meta.get("time", 0)))), 0o644
         tar.add(info, data)
         tar.close()
-        compressor.finish()
+        pipeline.finish()
     finally:
-        compressor.abort()
+        pipeline.abort()
     written.manifest, written.manifest_sha256 = data, hashlib.sha256(data).hexdigest()
-    written.size, written.sha256 = compressor.sink.size, compressor.sink.hash.hexdigest()
+    written.size, written.sha256 = pipeline.sink.size, pipeline.sink.hash.hexdigest()
     return written
 
 
@@ -352,11 +405,14 @@ class _TarStream:
             self._put(data)
             self._put(bytes((-len(data)) % tarfile.BLOCKSIZE))
 
-    def add_file(self, info: tarfile.TarInfo, source: _FileSource) -> None:
+    def add_file(self, info: tarfile.TarInfo, source: _FileSource, file: _FileHash) -> None:
         self._put(info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape"))
-        self._feed.copy(source)
+        self._feed.copy(source, file)
         self._offset += info.size
         self._put(bytes((-info.size) % tarfile.BLOCKSIZE))
+
+    def flush(self) -> None:
+        self._feed.flush()
 
     def close(self) -> None:
         self._put(bytes(2 * tarfile.BLOCKSIZE))
@@ -440,12 +496,13 @@ def _add_file(tar: _TarStream, root: Path, rel: str, info: tarfile.TarInfo,
     with handle:
         before = os.fstat(handle.fileno())
         info.size = before.st_size
+        # The hashing thread fills in the sha256 once it has seen the file's last byte.
+        entry: dict[str, object] = {"size": before.st_size, "sha256": None}
         source = _FileSource(handle, before.st_size)
-        tar.add_file(info, source)
+        tar.add_file(info, source, _FileHash(entry))
         after = os.fstat(handle.fileno())
     changed = source.short or (after.st_size, after.st_mtime_ns) != (
         before.st_size, before.st_mtime_ns)
-    entry: dict[str, object] = {"size": before.st_size, "sha256": source.hash.hexdigest()}
     if changed:
         entry["changed"] = True
         written.changed.append(rel)

@@ -4,9 +4,8 @@ A world of region-like files (4 to 8 MiB each, mixed compressibility: random, te
 half random and half zeros) is generated in a scratch folder. In the same run, in rounds
 whose order alternates:
 
-  backup   agentd.archive.write_archive: zstd level 3, a reading thread (read, sha256 of
-           every file, manifest), a compressing thread (zstd) and a writing thread (sha256
-           of the archive, write), + fsync
+  backup   agentd.archive.write_archive: zstd level 3; threads that read, hash every
+           file (sha256, manifest), compress, and hash and write the archive; + fsync
            against `tar -I zstd -cf` (the same zstd level 3, zstd's default; tar | zstd
            with one zstd worker, -T1, zstd's default) + fsync
   restore  agentd.archive.verify_and_extract (the archive's sha256 first, then every file's
