@@ -9,7 +9,8 @@ that sshd, and this machine's own /etc/zlh and /srv/zlh stay untouched.
 
 Each container listens on its own loopback address (127.77.X.Y, from its vmid) on the port
 all of them share, as every container of a cluster runs sshd on port 22. Its host keys
-are made at create, and their fingerprints are what Proxmox logs.
+are made at create, and their fingerprints are what Proxmox logs. A test can hand it
+another address for its next start (`lease`), as a DHCP server may after a restart.
 
 Stopping a container kills every process whose root is its folder (as stopping an LXC
 container kills everything in it); the mounts go with the last of them. A snapshot is a
@@ -110,6 +111,7 @@ class ChrootContainer:
     # -- running ----------------------------------------------------------------------
 
     def start(self) -> None:
+        self._listen_on(self.address)  # its current lease, whatever a rollback put back
         binds = "\n".join(f'ro "{tree}"' for tree in _python_trees())
         script = f"""set -e
 R="{self.folder}"
@@ -132,6 +134,12 @@ exec chroot "$R" {SSHD} -D -e -f /etc/ssh/sshd_config
         wait_for_line(lambda: self.log.read_bytes()[offset:].decode(errors="replace"),
                       rf"Server listening on {self.address.replace('.', '[.]')} "
                       rf"port {self.port}\.", READY_TIMEOUT)
+
+    def _listen_on(self, address: str) -> None:
+        config = self.folder / "etc/ssh/sshd_config"
+        lines = [f"ListenAddress {address}" if line.startswith("ListenAddress ") else line
+                 for line in config.read_text().splitlines()]
+        config.write_text("\n".join(lines) + "\n")
 
     def processes(self) -> list[int]:
         """Every process whose root is this container's folder."""
@@ -210,7 +218,12 @@ class ChrootCluster:
         root.mkdir(parents=True, exist_ok=True)
 
     def address(self, vmid: int) -> str:
-        return address_of(vmid)
+        container = self.containers.get(vmid)
+        return container.address if container is not None else address_of(vmid)
+
+    def lease(self, vmid: int, address: str) -> None:
+        """The container listens on `address` from its next start."""
+        self.containers[vmid].address = address
 
     def create(self, vmid: int, hostname: str, authorized_keys: str) -> list[str]:
         container = ChrootContainer(self.root / str(vmid), address_of(vmid), self.port,

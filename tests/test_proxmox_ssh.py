@@ -362,6 +362,43 @@ def test_snapshot_rollback_and_ssh_through_the_cli(ssh_cluster: SshCluster) -> N
                               "rollback: snapshot 'no_such' does not exist\n")
 
 
+def test_a_rollback_that_brings_a_new_lease_moves_the_server_there(
+    ssh_cluster: SshCluster,
+) -> None:
+    cluster = ssh_cluster
+    done = cluster.provision("mt6")
+    assert done.returncode == 0, done.stderr
+    old, port = json.loads(done.stdout)["address"], json.loads(done.stdout)["game_port"]
+    assert cluster.zlh("snapshot", "mt6", "leased").returncode == 0
+
+    new = "127.77.201.9"
+    cluster.pve.next_lease[100] = new  # the container comes back with another address
+    back = cluster.zlh("rollback", "mt6", "leased", timeout=180)
+    assert back.returncode == 0, back.stderr
+    assert back.stdout.endswith(f"; its address is now {new} (was {old})\n")
+
+    status = json.loads(cluster.zlh("status", "mt6", "--json").stdout)
+    assert status["address"] == new
+    assert cluster.game("mt6")["ready"] is True
+    assert f"bind_address = {new}\n" in (cluster.folder(100) / "srv/zlh/minetest.conf") \
+        .read_text()
+    answer = minetest_ping(new, port)
+    assert (answer[:4], answer[10:12]) == (MINETEST_PROTOCOL, b"\x00\x01")
+    with pytest.raises(ConnectionRefusedError):
+        minetest_ping(old, port)
+    backends = json.loads(cluster.zlh("backends", "--json").stdout)
+    assert backends == [{"name": "mt6", "address": new, "port": port}]
+    check = cluster.zlh("check", "mt6")
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    # The container's key is recorded at the new address, checked against the logged ones;
+    # the old address is forgotten.
+    known = paramiko.HostKeys(str(cluster.tmp / "known_hosts"))
+    assert known.lookup(f"[{new}]:{cluster.cts.port}") is not None
+    assert known.lookup(f"[{old}]:{cluster.cts.port}") is None
+    assert cluster.zlh("ssh", "mt6", "--", "true").returncode == 0
+
+
 def test_a_dev_container_over_ssh_gets_its_ide_and_sshd_through_sftp(
     ssh_cluster: SshCluster,
 ) -> None:

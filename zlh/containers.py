@@ -6,7 +6,10 @@ Proxmox does it, a snapshot is taken of a container as it is, running or not; a 
 stops a running container first. zlh asks Proxmox to start it again after the rollback
 (`start=1`) when it was running, then makes sure its agent runs (an agent under systemd
 comes up by itself; one started directly is started again, over SSH) and answers: the
-agent brings the processes of the snapshot's spec back up.
+agent brings the processes of the snapshot's spec back up. The container's address is
+read again after the start: when it came back with another lease, its host key is
+recorded at the new address, the inventory takes it, and the files and spec that name
+the address are made again (zlh/provision.py: rebind), the game restarted on them.
 
 The local provider keeps no snapshots: its servers' worlds are kept by `zlh backup`.
 """
@@ -40,6 +43,8 @@ class Rollback:
     snapshot: str
     started: bool
     agent_pid: int | None
+    address: str | None = None
+    previous_address: str | None = None  # when the container came back with another lease
 
 
 def _provider(name: str) -> ProxmoxProvider:
@@ -82,9 +87,18 @@ def rollback(name: str, snapname: str) -> Rollback:
     records.note(name, "rollback", snapname)
     if not was_running:
         return Rollback(name, snapname, False, None)
+    previous = records.get(name).address
+    address = provider.follow_address(name)
+    if address != previous:
+        records.update(name, "address", f"{previous} -> {address}", address=address)
     process = provider.start_agent(name, timeout=AGENT_TIMEOUT)
     records.note(name, "agent-start", f"pid {process.pid}")
-    return Rollback(name, snapname, True, process.pid)
+    if address == previous:
+        return Rollback(name, snapname, True, process.pid, address)
+    from zlh import provision
+
+    provision.rebind(name)  # its files and probes name the old address
+    return Rollback(name, snapname, True, process.pid, address, previous)
 
 
 def templates(node: str | None = None, storage: str | None = None) -> list[Template]:

@@ -122,6 +122,29 @@ def provision(request: ProvisionRequest, on_step: StepCallback | None = None) ->
         return run.execute()
 
 
+def rebind(name: str) -> None:
+    """A ready server whose address changed (its container came back with another lease):
+    the files and the spec that name the address (`${host}`, probes, a dev container's
+    sshd) are made again by the steps that made them; its processes restart on them."""
+    from zlh import playbooks
+    from zlh.paths import zlh_home
+    from zlh.servers import agent_client
+
+    record = records.get(name)
+    playbook = playbooks.load_playbook(record.playbook)
+    request = ProvisionRequest(record.playbook, name, dict(record.values))
+    with _name_lock(zlh_home(), name):
+        run = _Run(request, playbook, zlh_home(), lambda step, event: None)
+        run.record = record
+        run._render_files()
+        devcontainer.prepare_ssh(playbook, run.provider, record, record.address or "")
+        run._apply_spec()
+        with agent_client(record) as client:
+            for process in playbook.processes:  # the playbook's: they read its files
+                client.action(process, "restart")
+        run._wait_ready()
+
+
 @contextmanager
 def _name_lock(home: Path, name: str) -> Iterator[None]:
     folder = home / "locks"

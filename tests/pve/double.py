@@ -29,7 +29,8 @@ With `ssh_backing` (tests/ctfix.py), each container is a chroot with its own ssh
 zlh reaches only over SSH: create makes it and logs its host keys' fingerprints as
 Proxmox does (`Creating SSH host key ...`, `done: SHA256:... root@HOSTNAME`), start and
 stop run and kill it, a snapshot copies it, a rollback restores the copy, a purge
-removes it; `/interfaces` answers with its address.
+removes it; `/interfaces` answers with its address. `next_lease[vmid] = ADDRESS` gives it
+another address at its next start (a new DHCP lease).
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ class SshBacking(Protocol):
     def rollback(self, vmid: int, name: str) -> None: ...
 
     def destroy(self, vmid: int) -> None: ...
+
+    def lease(self, vmid: int, address: str) -> None: ...
 
 
 @dataclass
@@ -199,6 +202,7 @@ class PveDouble:
         self.task_seconds = task_seconds
         self.ticket_lifetime = 7200.0
         self.interface_plan = ["link-local", "address"]
+        self.next_lease: dict[int, str] = {}
         self.interfaces_style = "both"
         # Seconds a new container stays unseen by /cluster/nextid, as when the cluster file
         # system has not carried its config to the node answering yet: provisions race.
@@ -593,6 +597,10 @@ class PveDouble:
 
     def _set_running(self, ct: Container) -> None:
         if self.ssh_backing is not None:
+            with self._lock:
+                lease = self.next_lease.pop(ct.vmid, None)
+            if lease is not None:
+                self.ssh_backing.lease(ct.vmid, lease)
             self.ssh_backing.start(ct.vmid)
         with self._lock:
             ct.status = "running"

@@ -74,8 +74,10 @@ def _snapshot_table(found: list[Any]) -> Any:
 def _rolled_back(result: Any) -> str:
     if not result.started:
         return f"{result.server}: rolled back to {result.snapshot}; the container stays stopped"
+    moved = f"; its address is now {result.address} (was {result.previous_address})" \
+        if result.previous_address else ""
     return (f"{result.server}: rolled back to {result.snapshot}; container started, "
-            f"agent pid {result.agent_pid}")
+            f"agent pid {result.agent_pid}{moved}")
 
 
 def _template_table(found: list[Any]) -> Any:

@@ -538,14 +538,31 @@ class ProxmoxProvider:
         address = self._addresses.get(name) or (record.address if record else "") or ""
         self.delete_container(name)
         if self.over_ssh:
-            # The next container at the address is another: its sshd's key, and its dev
-            # sshd's (zlh recorded that one at provisioning), are forgotten.
-            ports = [self.ssh.port, *([record.ports["ssh"]] if record and "ssh" in
-                                      record.ports else [])]
-            for port in ports if address else []:
-                zssh.forget(Hop(self.ssh.user, address, int(port)), self.ssh)
+            self._forget_keys(address, record)  # the next container there is another
             if self._local(name).exists():
                 shutil.rmtree(self._local(name))
+
+    def _forget_keys(self, address: str, record: Server | None) -> None:
+        """Drop the host keys zlh recorded at `address`: the container's sshd's, and its
+        dev sshd's (recorded at provisioning)."""
+        ports = [self.ssh.port, *([record.ports["ssh"]] if record and "ssh" in
+                                  record.ports else [])]
+        for port in ports if address else []:
+            zssh.forget(Hop(self.ssh.user, address, int(port)), self.ssh)
+
+    def follow_address(self, name: str) -> str:
+        """The container's address as it is now, read again after a start that may have
+        come with another lease; at a new address its host key is checked against the
+        logged ones and recorded, and what zlh recorded at the old one is forgotten."""
+        from zlh import records
+
+        record = records.get(name)
+        self._addresses.pop(name, None)
+        address = self.wait_address(name)
+        if address != record.address and self.over_ssh:
+            self._trust(name, address)
+            self._forget_keys(record.address or "", record)
+        return address
 
     def kill_leftover(self, pid: int, started_at: float | None) -> bool:
         if self.over_ssh:
