@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import logging
+import mmap
 import os
 import queue
 import re
@@ -131,6 +132,12 @@ class Written:
     manifest: bytes = b""
 
 
+def _buffer() -> mmap.mmap:
+    """A CHUNK of memory of its own: unmapped when dropped, so the agent does not keep the
+    few MiB of a backup in its heap afterwards (as 1 MiB bytearrays left it)."""
+    return mmap.mmap(-1, CHUNK)
+
+
 class _Writer:
     """The writing thread: the compressed stream, as zstd hands it over, hashed, counted and
     written to the file. An error (a full disk) is raised at zstd's next `write` and by
@@ -181,7 +188,7 @@ class _FileHash:
 # (start, end, file, last): bytes [start, end) of a buffer belong to `file`; `last` when
 # they are the end of it.
 Segment = tuple[int, int, _FileHash, bool]
-Full = tuple[bytearray, int, list[Segment]]
+Full = tuple[mmap.mmap, int, list[Segment]]
 
 
 class _Pipeline:
@@ -198,12 +205,12 @@ class _Pipeline:
         self.sink = _Writer(out)
         # The sink is a writable file-like object; zstandard's stubs ask for a narrower type.
         self._zstd = zstandard.ZstdCompressor(level=level).stream_writer(
-            self.sink, closefd=False, write_size=CHUNK)  # type: ignore[arg-type]
+            self.sink, closefd=False)  # type: ignore[arg-type]
         self._to_hash: queue.Queue[Full | threading.Event | None] = queue.Queue()
         self._to_compress: queue.Queue[Full | None] = queue.Queue()
-        self._free: queue.Queue[bytearray] = queue.Queue()
+        self._free: queue.Queue[mmap.mmap] = queue.Queue()
         for _ in range(BUFFERS):
-            self._free.put(bytearray(CHUNK))
+            self._free.put(_buffer())
         self._error: BaseException | None = None
         self._aborted = False
         self._threads = [threading.Thread(target=self._hashing, name="archive-sha256",
@@ -213,13 +220,13 @@ class _Pipeline:
         for thread in self._threads:
             thread.start()
 
-    def take(self) -> bytearray:
+    def take(self) -> mmap.mmap:
         """An empty buffer to fill (waits while all are in flight)."""
         buffer = self._free.get()
         self._check()
         return buffer
 
-    def send(self, buffer: bytearray, used: int, segments: list[Segment]) -> None:
+    def send(self, buffer: mmap.mmap, used: int, segments: list[Segment]) -> None:
         self._to_hash.put((buffer, used, segments))
 
     def hashed(self) -> None:
@@ -286,7 +293,7 @@ class _Feed:
 
     def __init__(self, pipeline: _Pipeline) -> None:
         self._pipeline = pipeline
-        self._buffer: bytearray | None = None
+        self._buffer: mmap.mmap | None = None
         self._used = 0
         self._segments: list[Segment] = []
 
@@ -549,7 +556,7 @@ def verify_and_extract(archive: Path, sha256: str, manifest_sha256: str | None,
     staging.mkdir(mode=0o700)
     seen: dict[str, str] = {}
     manifest_raw = b""
-    buffer = memoryview(bytearray(CHUNK))
+    buffer = memoryview(_buffer())
     with open(archive, "rb") as handle:
         data = zstandard.ZstdDecompressor().stream_reader(handle, read_size=CHUNK)
         try:
