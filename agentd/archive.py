@@ -187,8 +187,8 @@ class _FileHash:
 
 # (start, end, file, last): bytes [start, end) of a buffer belong to `file`; `last` when
 # they are the end of it.
-Segment = tuple[int, int, _FileHash, bool]
-Full = tuple[mmap.mmap, int, list[Segment]]
+_Segment = tuple[int, int, _FileHash, bool]
+_Full = tuple[mmap.mmap, int, list[_Segment]]
 
 
 class _Pipeline:
@@ -206,8 +206,8 @@ class _Pipeline:
         # The sink is a writable file-like object; zstandard's stubs ask for a narrower type.
         self._zstd = zstandard.ZstdCompressor(level=level).stream_writer(
             self.sink, closefd=False)  # type: ignore[arg-type]
-        self._to_hash: queue.Queue[Full | threading.Event | None] = queue.Queue()
-        self._to_compress: queue.Queue[Full | None] = queue.Queue()
+        self._to_hash: queue.Queue[_Full | threading.Event | None] = queue.Queue()
+        self._to_compress: queue.Queue[_Full | None] = queue.Queue()
         self._free: queue.Queue[mmap.mmap] = queue.Queue()
         for _ in range(BUFFERS):
             self._free.put(_buffer())
@@ -226,7 +226,7 @@ class _Pipeline:
         self._check()
         return buffer
 
-    def send(self, buffer: mmap.mmap, used: int, segments: list[Segment]) -> None:
+    def send(self, buffer: mmap.mmap, used: int, segments: list[_Segment]) -> None:
         self._to_hash.put((buffer, used, segments))
 
     def hashed(self) -> None:
@@ -295,7 +295,7 @@ class _Feed:
         self._pipeline = pipeline
         self._buffer: mmap.mmap | None = None
         self._used = 0
-        self._segments: list[Segment] = []
+        self._segments: list[_Segment] = []
 
     def _space(self) -> memoryview:
         if self._buffer is not None and self._used == len(self._buffer):
