@@ -283,6 +283,9 @@ class RuntimeInstall(Model):
     verify: str | None = Field(None, description="command run in the runtime folder")
     activate: bool = Field(True, description="switch NAME/current to it once installed")
     timeout: float = Field(default=30.0, gt=0, le=3600, description="seconds without data")
+    deadline: float | None = Field(
+        None, gt=0, le=86400,
+        description="seconds for the whole download; default a minute plus a second per MiB")
 
     @field_validator("path")
     @classmethod

@@ -9,7 +9,8 @@ Layout (under the config's runtimes_dir, `/opt/zlh/runtimes` in a container):
     NAME/current -> VERSION       the active version (switched with os.replace)
     NAME/previous -> VERSION      the version active before it (rollback target)
 
-An install goes: download (size and sha256 checked before anything is extracted) ->
+An install goes: download (size and sha256 checked before anything is extracted; a read
+waits at most the request's `timeout`, the whole download ends by its `deadline`) ->
 safe extraction (no absolute paths, no `..`, no links leaving the tree, no device files
 or fifos) -> the verify command -> rename into NAME/VERSION -> switch NAME/current ->
 rewrite the PATH profile. A failure at any step leaves the installed runtimes as they
@@ -24,11 +25,13 @@ so a switch shows in every process started after it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tarfile
 import tempfile
@@ -48,8 +51,12 @@ log = logging.getLogger(__name__)
 
 STAGING = ".staging"
 RECORD = ".zlh-runtime.json"
-BLOCK = 1 << 20
 DOWNLOAD_TIMEOUT = 30.0
+# A download's deadline, unless the request gives one: a minute plus a second per MiB.
+# Without one, a server that sends a byte now and then, each within the read timeout, would
+# hold the install, and the runtime's one install at a time, for ever.
+DEADLINE_BASE = 60.0
+DEADLINE_RATE = 1 << 20  # bytes per second
 VERIFY_TIMEOUT = 120.0
 # flying-squid's package unpacks to 18 times its .tar.zst, Node.js to 5 times.
 EXPANSION_LIMIT = 64
@@ -88,32 +95,76 @@ class VerifyFailed(AgentError):
 # -- download ----------------------------------------------------------------------------
 
 
+def download_deadline(size: int) -> float:
+    return DEADLINE_BASE + size / DEADLINE_RATE
+
+
 def download(url: str, target: Path, size: int, sha256: str,
-             timeout: float = DOWNLOAD_TIMEOUT) -> None:
-    """Stream `url` into `target`, hashing as it comes; refuse a wrong size or hash."""
+             timeout: float = DOWNLOAD_TIMEOUT, deadline: float | None = None) -> None:
+    """Stream `url` into `target`, hashing as it comes; refuse a wrong size or hash.
+
+    ArtifactUnavailable when no data comes for `timeout` seconds, or when the body is not
+    complete `deadline` seconds (default: download_deadline(size)) after the request or, if
+    the headers came later than that, as soon as they come.
+    """
     import httpx
 
+    limit = deadline if deadline is not None else download_deadline(size)
     digest, count = hashlib.sha256(), 0
+    watch = _Deadline(limit)
     try:
         with open(target, "wb") as out, httpx.stream(
             "GET", url, timeout=timeout, follow_redirects=True
-        ) as answer:
+        ) as answer, watch.over(answer):
             if answer.status_code != 200:
                 raise ArtifactUnavailable(f"{url}: HTTP {answer.status_code}")
-            for block in answer.iter_raw(BLOCK):
+            for block in answer.iter_raw():
                 count += len(block)
                 if count > size:
                     raise IntegrityFailed(f"{url}: more than the expected {size} bytes")
                 digest.update(block)
                 out.write(block)
-    except httpx.TimeoutException:
-        raise ArtifactUnavailable(f"{url}: timed out after {timeout:g} s without data") from None
     except httpx.TransportError as exc:
+        if watch.passed.is_set():
+            raise ArtifactUnavailable(f"{url}: not complete after {limit:g} s ({count} of "
+                                      f"{size} bytes)") from None
+        if isinstance(exc, httpx.TimeoutException):
+            raise ArtifactUnavailable(f"{url}: timed out after {timeout:g} s without data"
+                                      ) from None
         raise ArtifactUnavailable(f"{url}: {type(exc).__name__}: {exc}") from None
     if count != size:
         raise IntegrityFailed(f"{url}: got {count} bytes, expected {size}")
     if digest.hexdigest() != sha256:
         raise IntegrityFailed(f"{url}: sha256 is {digest.hexdigest()}, expected {sha256}")
+
+
+class _Deadline:
+    """Shuts the answer's socket down `seconds` after it was made: a read blocked in it
+    returns at once and the download fails, however the server paces its bytes."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.started = time.monotonic()
+        self.passed = threading.Event()
+
+    @contextlib.contextmanager
+    def over(self, answer: Any) -> Iterator[None]:
+        stream = answer.extensions.get("network_stream")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        left = self.seconds - (time.monotonic() - self.started)
+        timer = threading.Timer(max(0.0, left), self._expire, args=(sock,))
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    def _expire(self, sock: socket.socket | None) -> None:
+        self.passed.set()
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already closed: the download ended
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 # -- extraction --------------------------------------------------------------------------
@@ -414,7 +465,7 @@ class Runtimes:
             if not self._from_cache(request, work / "tree"):
                 log.info("runtime_download", extra=fields(name=request.name, url=request.url))
                 download(request.url, work / "download", request.size, request.sha256,
-                         request.timeout)
+                         request.timeout, request.deadline)
                 extract(work / "download", request.format, work / "tree")
                 self._to_cache(request, work / "tree")
             if request.verify:

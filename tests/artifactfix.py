@@ -3,12 +3,14 @@
 `FaultyServer` answers every request in one chosen bad way on a loopback port:
   `truncate`  announces N bytes, sends half, closes
   `stall`     sends the headers and part of the body, then nothing until closed
+  `trickle`   sends the headers, then a byte of the body every 50 ms until closed
   `status`    answers with the given HTTP status
   `gate`      sends the whole body once `gate` is set (to hold an install in flight)
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import socket
@@ -39,7 +41,15 @@ class FaultyServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        # The socket is closed once its accept thread has stopped. Closed earlier, a thread
+        # still on its way into accept() takes the fd number, which the next socket made
+        # reuses: it then took a connection meant for the next test's artifact server.
         self.release.set()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # a blocked accept() returns EINVAL
+        self.thread.join(10)
+        if self.thread.is_alive():
+            raise AssertionError("FaultyServer: the accept thread did not stop")
         self.sock.close()
 
     def _serve(self) -> None:
@@ -65,6 +75,14 @@ class FaultyServer:
                 return
             head = (f"HTTP/1.1 200 OK\r\nContent-Length: {len(self.body)}\r\n"
                     "Connection: close\r\n\r\n").encode()
+            if self.mode == "trickle":
+                with contextlib.suppress(OSError):  # the client gave up
+                    conn.sendall(head)
+                    for byte in self.body:  # the pace is the fault, not a wait for an outcome
+                        if self.release.wait(0.05):
+                            return
+                        conn.sendall(bytes([byte]))
+                return
             conn.sendall(head + self.body[: len(self.body) // 2])
             if self.mode == "stall":
                 self.release.wait(60)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -218,6 +221,103 @@ def test_artifact_server_refuses_paths_outside(tmp_path: Path):
         raw = httpx.get(server.url + "/%2e%2e/secret.txt")
         assert raw.status_code in (403, 404) and b"secret" not in raw.content
         assert httpx.get(server.url + "/").status_code == 404
+
+
+# Far more than the socket buffers hold: once the headers are in, the server is mid-send.
+BIG = 32 << 20
+
+
+def _asking(server: ArtifactServer, path: str) -> tuple[socket.socket, int, bytearray]:
+    """A connection that sent `GET path` and read the headers: (socket, Content-Length,
+    the body's first bytes). Reads time out after 30 s, so a kept-open connection fails
+    the test instead of hanging it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(1 << 16)
+        assert chunk, f"connection closed before the headers: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    found = re.search(rb"Content-Length: (\d+)", head)
+    assert found is not None, head
+    return sock, int(found.group(1)), bytearray(body)
+
+
+def test_a_file_rewritten_shorter_while_sent_closes_the_connection(tmp_path: Path):
+    """The server announced 32 MiB, then the file became 4096 bytes (a rewrite in place,
+    as write_bytes does): the client sees the body end, the connection is not kept open."""
+    import httpx
+
+    path = write(tmp_path / "served", "big.bin", b"a" * BIG)
+    with ArtifactServer(path.parent) as server:
+        sock, announced, body = _asking(server, "/big.bin")
+        with sock:
+            path.write_bytes(b"b" * 4096)
+            while chunk := sock.recv(1 << 16):
+                body += chunk
+        assert announced == BIG and len(body) < BIG
+        assert httpx.get(server.url + "/big.bin").content == b"b" * 4096
+
+
+def test_a_file_grown_while_sent_gives_the_announced_bytes_only(tmp_path: Path):
+    """Bytes appended after the headers went out stay out of the answer: the next answer
+    on the same connection starts where the announced body ends."""
+    path = write(tmp_path / "served", "big.bin", b"a" * BIG)
+    with ArtifactServer(path.parent) as server:
+        sock, announced, body = _asking(server, "/big.bin")
+        with sock:
+            with open(path, "ab") as more:
+                more.write(b"b" * 4096)
+            while len(body) < announced + 16:
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    break
+                body += chunk
+                if len(body) == announced:  # all of it: ask again on this connection
+                    sock.sendall(b"GET /big.bin HTTP/1.1\r\nHost: test\r\n\r\n")
+    assert body[:announced] == b"a" * BIG
+    assert body[announced:].startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_faulty_server_stops_accepting_before_its_socket_is_closed():
+    """Its accept thread ends before the socket goes: a thread that called accept() on the
+    closed fd number took a connection meant for the next test's artifact server (whose
+    socket got that number) and answered it with this server's fault."""
+    import httpx
+
+    with FaultyServer("truncate") as server, pytest.raises(
+            httpx.RemoteProtocolError, match=r"received 2048 bytes, expected 4096"):
+        httpx.get(server.url, timeout=5)
+    assert not server.thread.is_alive()
+
+
+def test_a_connection_gone_before_accept_does_not_block_the_server(tmp_path: Path):
+    """serve_forever accepts after select() reported a connection; another accept() may have
+    taken it meanwhile. A blocking accept() then waited for the next connection, and stop()
+    (shutdown) for serve_forever, for ever: accept() must fail at once instead."""
+    import httpx
+
+    write(tmp_path / "served", "ok.txt", b"fine")
+    outcome: list[str] = []
+
+    def accept_with_nothing_waiting(server: ArtifactServer) -> None:
+        try:
+            server.httpd.get_request()
+            outcome.append("accepted")
+        except OSError as exc:
+            outcome.append(type(exc).__name__)
+
+    with ArtifactServer(tmp_path / "served") as server:
+        thread = threading.Thread(target=accept_with_nothing_waiting, args=(server,),
+                                  daemon=True)
+        thread.start()
+        thread.join(10)
+        assert outcome == ["BlockingIOError"]
+        assert httpx.get(server.url + "/ok.txt").content == b"fine"
 
 
 def test_promote_rewrites_only_the_channel(served, capsys):

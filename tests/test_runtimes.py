@@ -175,6 +175,29 @@ def test_faulty_server_is_one_error(box, served, options, message):
     assert list((box.runtimes / ".staging").iterdir()) == []
 
 
+DEADLINE_FAULTS = [
+    # Half the body, then nothing: the deadline ends it, not the longer read timeout.
+    ("stalled-past-the-deadline", "stall"),
+    # A byte every 50 ms: no read waits long, the whole never comes in time.
+    ("trickle", "trickle"),
+]
+
+
+@pytest.mark.parametrize("mode", [f[1] for f in DEADLINE_FAULTS],
+                         ids=[f[0] for f in DEADLINE_FAULTS])
+def test_a_download_ends_by_its_deadline_and_the_old_runtime_stays(box, served, mode):
+    install(box, request("tool", "1.0", served.url + "/tool/1.0.tar.zst", GOOD_1))
+    with FaultyServer(mode, body=GOOD_2) as bad:
+        answer = install(box, request("tool", "2.0", bad.url + "/x", GOOD_2, timeout=60,
+                                      deadline=1))
+    assert answer.status_code == 502, answer.text
+    message = answer.json()["error"]["message"]
+    assert message.startswith(f"{bad.url}/x: not complete after 1 s ("), message
+    assert message.endswith(f" of {len(GOOD_2)} bytes)"), message
+    assert run_tool(box) == "tool 1.0\n"
+    assert list((box.runtimes / ".staging").iterdir()) == []
+
+
 def test_duplicate_request_joins_the_running_install(box):
     with FaultyServer("gate", body=GOOD_1) as gate:
         body = request("tool", "1.0", gate.url + "/tool", GOOD_1)

