@@ -499,3 +499,45 @@ def test_a_taken_game_port_is_named_and_recorded(zlh, monkeypatch) -> None:
     )
     [server] = json.loads(zlh("servers", "list", "--json").out)
     assert (server["step"], server["status"]) == ("runtimes-installed", "failed")
+
+
+# -- backup schedule -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("expr", "message"),
+    [
+        ("61 * * * *", "minute field '61': '61' is not a value from 0 to 59"),
+        ("a b c d e", "minute field 'a': 'a' is not a value from 0 to 59"),
+        ("*/0 * * * *", "minute field '*/0': the step '0' is not a number from 1 to 59"),
+        ("1-70 * * * *", "minute field '1-70': '70' is not a value from 0 to 59"),
+        ("30-10 * * * *", "minute field '30-10': the range '30-10' runs backwards"),
+        ("5,,6 * * * *", "minute field '5,,6': '' is not *, N, N-M, */STEP or N-M/STEP"),
+        ("1/5 * * * *", "minute field '1/5': '1/5': cron takes a /STEP after * or a range only"),
+        ("0 24 * * *", "hour field '24': '24' is not a value from 0 to 23"),
+        ("0 0 0 * *", "day of month field '0': '0' is not a value from 1 to 31"),
+        ("0 0 * 13 *", "month field '13': '13' is not a value from 1 to 12 or jan..dec"),
+        ("0 0 * * 8", "day of week field '8': '8' is not a value from 0 to 7 or sun..sat"),
+        ("0 0 * * 1-", "day of week field '1-': '1-' is not *, N, N-M, */STEP or N-M/STEP"),
+        ("0 0 * * *", None), ("*/15 0-6/2 1,15 jan-JUN mon-fri", None), ("0 0 * * 7", None),
+        ("@daily", None),
+    ],
+    ids=["minute-61", "letters", "step-0", "range-end", "backwards", "empty-item",
+         "step-after-number", "hour-24", "day-0", "month-13", "weekday-8", "open-range",
+         "nightly", "lists-steps-names", "sunday-7", "macro"],
+)
+def test_a_cron_expression_cron_would_reject_is_refused(zlh, home, agents, tmp_path,
+                                                        monkeypatch, expr, message) -> None:
+    monkeypatch.setenv("ZLH_CRON_DIR", str(tmp_path / "cron.d"))
+    register(home, agents, "alpha")
+
+    result = zlh("backup", "schedule", "alpha", "--cron", expr, "--json")
+
+    cron_file = tmp_path / "cron.d" / "zlh-backups"
+    if message is None:
+        assert result.code == 0, result.err
+        assert f"\n{expr} root cd / && " in cron_file.read_text()
+    else:
+        assert (result.code, result.out) == (2, "")
+        assert result.err == f"zlh: error: --cron {expr!r}: {message}\n"
+        assert not cron_file.exists()

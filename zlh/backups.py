@@ -40,7 +40,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CRON_FILE = "zlh-backups"
-CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,\-]+$")
+# Each field's name, range and names (cron(5)); 7 is Sunday too.
+CRON_FIELDS = (
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day of month", 1, 31, ()),
+    ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct",
+                      "nov", "dec")),
+    ("day of week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")),
+)
+CRON_ITEM = re.compile(r"^(?:\*|(?P<low>[0-9a-z]+)(?P<range>-(?P<high>[0-9a-z]+))?)"
+                       r"(?:/(?P<step>[0-9]+))?$", re.IGNORECASE)
 CRON_MACROS = ("@hourly", "@daily", "@weekly", "@monthly", "@yearly", "@annually")
 MARK = "# zlh backup "
 CHUNK = 1 << 20
@@ -206,10 +216,43 @@ def check_cron(expr: str) -> str:
     if text in CRON_MACROS:
         return text
     parts = text.split(" ")
-    if len(parts) != 5 or not all(CRON_FIELD.match(p) for p in parts):
+    if len(parts) != 5:
         raise UsageError(f"--cron {expr!r}: expected five fields such as '17 3 * * *' or "
                          f"one of {', '.join(CRON_MACROS)}")
+    for part, (field_name, low, high, names) in zip(parts, CRON_FIELDS):
+        problem = _cron_field_problem(part, low, high, names)
+        if problem:
+            raise UsageError(f"--cron {expr!r}: {field_name} field {part!r}: {problem}")
     return text
+
+
+def _cron_field_problem(part: str, low: int, high: int, names: tuple[str, ...]) -> str | None:
+    """What cron would reject in one field (a list of *, N, N-M, each with /STEP), or None."""
+    for item in part.split(","):
+        found = CRON_ITEM.match(item)
+        if found is None:
+            return f"{item!r} is not *, N, N-M, */STEP or N-M/STEP"
+        if found["step"] is not None and found["low"] is not None and not found["range"]:
+            return f"{item!r}: cron takes a /STEP after * or a range only"
+        values = []
+        for text in filter(None, (found["low"], found["high"])):
+            value = _cron_value(text, low, names)
+            if value is None or not low <= value <= high:
+                named = f" or {names[0]}..{names[-1]}" if names else ""
+                return f"{text!r} is not a value from {low} to {high}{named}"
+            values.append(value)
+        if len(values) == 2 and values[0] > values[1]:
+            return f"the range {item!r} runs backwards"
+        step = found["step"]
+        if step is not None and not 1 <= int(step) <= high:
+            return f"the step {step!r} is not a number from 1 to {high}"
+    return None
+
+
+def _cron_value(text: str, low: int, names: tuple[str, ...]) -> int | None:
+    if text.lower() in names:
+        return low + names.index(text.lower())
+    return int(text) if text.isdigit() else None
 
 
 def cron_command(name: str) -> str:
@@ -293,7 +336,7 @@ def _crontab() -> str:
 
 
 def _read_crontab() -> str:
-    done = subprocess.run([_crontab(), "-l"], capture_output=True, text=True)
+    done = subprocess.run([_crontab(), "-l"], capture_output=True, text=True, check=False)
     return done.stdout if done.returncode == 0 else ""
 
 
