@@ -6,19 +6,22 @@ over SSH is tested with the containers of tests/test_proxmox_ssh.py.
 from __future__ import annotations
 
 import io
+import multiprocessing
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import paramiko
 import pexpect
 import pytest
 import yaml
 from sshfix import Sshd, keygen
 
-from zlh import opconfig
+from zlh import devssh, opconfig
 from zlh import ssh as zssh
 from zlh.inventory import Inventory, Server
 
@@ -167,3 +170,27 @@ def test_run_copies_output_and_status_in_process(net: Net) -> None:
 )
 def test_parse_hop(text: str, hop: zssh.Hop) -> None:
     assert zssh.parse_hop(text) == hop
+
+
+def _record_hosts(known_hosts: str, first: int, count: int, public: str) -> None:
+    config = opconfig.SshConfig(known_hosts=Path(known_hosts))
+    for n in range(first, first + count):
+        devssh.record_host_key(public, f"127.77.0.{n}", 2222, config)
+        zssh.forget(zssh.Hop("root", f"127.78.0.{n}", 22), config)
+
+
+def test_provisions_recording_host_keys_at_once_keep_every_key(tmp_path: Path) -> None:
+    # Eight provisions racing each record their container's key (and forget an old one)
+    # in the one known_hosts file; none may drop a line another one just wrote.
+    known_hosts = tmp_path / "known_hosts"
+    key = paramiko.ECDSAKey.generate()
+    public = f"{key.get_name()} {key.get_base64()}"
+    gone = "".join(f"127.78.0.{n} {public}\n" for n in range(1, 81))
+    known_hosts.write_text(gone)
+    with ProcessPoolExecutor(8, mp_context=multiprocessing.get_context("spawn")) as pool:
+        runs = [pool.submit(_record_hosts, str(known_hosts), 1 + 10 * i, 10, public)
+                for i in range(8)]
+        for run in runs:
+            run.result()
+    recorded = paramiko.HostKeys(str(known_hosts))
+    assert sorted(recorded.keys()) == sorted(f"[127.77.0.{n}]:2222" for n in range(1, 81))

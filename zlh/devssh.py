@@ -43,6 +43,7 @@ import paramiko  # type: ignore[import-untyped]  # no stubs installed
 
 from agentd.models import ProcessSpec, RestartSpec, StopSpec, TcpProbe
 from agentd.runtimes import ENV_FILE
+from zlh import ssh as zssh
 from zlh.errors import ConfigError, ProvisionError
 from zlh.opconfig import SshConfig
 from zlh.playbooks import Playbook
@@ -191,16 +192,11 @@ def record_host_key(public: str, address: str, port: int, config: SshConfig) -> 
     entry = paramiko.hostkeys.HostKeyEntry.from_line(f"{name} {key_type} {data}")
     if entry is None or entry.key is None:
         raise ProvisionError(f"{name}: not an OpenSSH public key: {public[:60]!r}")
-    path = config.known_hosts_file()
-    keys = paramiko.HostKeys()
-    if path.is_file():
-        keys.load(str(path))
-    if name in keys:
-        del keys[name]
-    keys.add(name, key_type, entry.key)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    keys.save(str(path))
-    log.info("recorded the host key of %s in %s", name, path)
+    with zssh.edit_known_hosts(config) as keys:
+        if name in keys:
+            del keys[name]
+        keys.add(name, key_type, entry.key)
+    log.info("recorded the host key of %s in %s", name, config.known_hosts_file())
     return name
 
 

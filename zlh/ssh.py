@@ -4,7 +4,9 @@ Host keys are checked against zlh's own known_hosts file (OpenSSH format, so pla
 can use it too) with paramiko's RejectPolicy: an unknown host is refused until the
 operator runs `zlh ssh trust HOST[:PORT]`, and a changed key is refused, loudly. A new
 Proxmox container's key is recorded when it matches a fingerprint its create task logged
-(`trust_verified`), and dropped when the container is deleted (`forget`).
+(`trust_verified`), and dropped when the container is deleted (`forget`). Provisions
+running at once change the file one at a time (`edit_known_hosts`), and a reader sees it
+whole, never half written.
 
 Through a bastion, zlh opens a `direct-tcpip` channel on the bastion's connection and
 hands it to a second client as its socket, which is what `ssh -J` does.
@@ -13,17 +15,21 @@ hands it to a second client as its socket, which is what `ssh -J` does.
 from __future__ import annotations
 
 import base64
+import fcntl
 import getpass
 import hashlib
 import logging
 import os
+import secrets
 import select
 import socket
+import stat
 import sys
 import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any, Self
 
 import paramiko  # type: ignore[import-untyped]  # no stubs installed
@@ -243,22 +249,45 @@ def trust_verified(hop: Hop, config: SshConfig, fingerprints: Collection[str]) -
 def _record(hop: Hop, key: paramiko.PKey, config: SshConfig, replace: bool) -> Trusted:
     seen = fingerprint(key)
     path = config.known_hosts_file()
-    keys = paramiko.HostKeys()
-    if path.is_file():
-        keys.load(str(path))
-    known = keys.lookup(hop.known_hosts_name) or {}
-    old = known.get(key.get_name())
-    if old is not None and old == key:
-        return Trusted(hop.known_hosts_name, key.get_name(), seen, str(path), True)
-    if old is not None and not replace:
-        raise ConflictError(f"{hop.known_hosts_name} already has another {key.get_name()} key "
-                            f"({fingerprint(old)}) in {path}; pass --replace to swap it")
-    if replace and hop.known_hosts_name in keys:
-        del keys[hop.known_hosts_name]  # every key type of the host that was there before
-    keys.add(hop.known_hosts_name, key.get_name(), key)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    keys.save(str(path))
+    with edit_known_hosts(config) as keys:
+        known = keys.lookup(hop.known_hosts_name) or {}
+        old = known.get(key.get_name())
+        if old is not None and old == key:
+            return Trusted(hop.known_hosts_name, key.get_name(), seen, str(path), True)
+        if old is not None and not replace:
+            raise ConflictError(f"{hop.known_hosts_name} already has another "
+                                f"{key.get_name()} key ({fingerprint(old)}) in {path}; "
+                                "pass --replace to swap it")
+        if replace and hop.known_hosts_name in keys:
+            del keys[hop.known_hosts_name]  # every key type of the host that was there before
+        keys.add(hop.known_hosts_name, key.get_name(), key)
     return Trusted(hop.known_hosts_name, key.get_name(), seen, str(path), False)
+
+
+@contextmanager
+def edit_known_hosts(config: SshConfig) -> Iterator[paramiko.HostKeys]:
+    """zlh's known_hosts to change: one process at a time (an flock on a lock file beside
+    it), written to a new file that replaces it when the block ends without an error."""
+    path = Path(os.path.realpath(config.known_hosts_file()))
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock = os.open(path.with_name(f"{path.name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                   0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        keys = paramiko.HostKeys()
+        if path.is_file():
+            keys.load(str(path))
+        yield keys
+        temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            keys.save(str(temp))
+            if path.is_file():
+                os.chmod(temp, stat.S_IMODE(path.stat().st_mode))
+            os.replace(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
+    finally:
+        os.close(lock)  # closing releases the lock
 
 
 def is_known(hop: Hop, config: SshConfig) -> bool:
@@ -269,15 +298,11 @@ def is_known(hop: Hop, config: SshConfig) -> bool:
 
 def forget(hop: Hop, config: SshConfig) -> bool:
     """Drop `hop`'s keys from zlh's known_hosts (its container is gone); True if any."""
-    path = config.known_hosts_file()
-    keys = paramiko.HostKeys()
-    if not path.is_file():
+    if not is_known(hop, config):
         return False
-    keys.load(str(path))
-    if hop.known_hosts_name not in keys:
-        return False
-    del keys[hop.known_hosts_name]
-    keys.save(str(path))
+    with edit_known_hosts(config) as keys:
+        if hop.known_hosts_name in keys:
+            del keys[hop.known_hosts_name]
     return True
 
 
