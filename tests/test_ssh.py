@@ -124,6 +124,16 @@ def test_a_bastion_whose_host_key_changed_is_refused(net: Net) -> None:
     assert again.returncode == 5 and "pass --replace" in again.stderr
 
 
+
+def test_a_target_the_bastion_cannot_reach_is_one_line(net: Net) -> None:
+    net.trust_both()
+    net.target.stop()
+    done = net.zlh("ssh", "mt1", "--", "true")
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"zlh: error: the bastion root@127.0.0.1:{net.bastion.port} cannot reach "
+        f"127.0.0.1:{net.target.port}: Connect failed\n")
+
 def test_an_interactive_shell_runs_on_a_pty(net: Net) -> None:
     net.trust_both()
     child = pexpect.spawn(ZLH[0], [*ZLH[1:], "ssh", "mt1"], env=net.env, timeout=20,

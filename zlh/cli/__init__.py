@@ -172,3 +172,6 @@ def _setup_logging(debug: bool) -> None:
     if not debug:
         # One INFO line per request from httpx is noise on an operator's terminal.
         logging.getLogger("httpx").setLevel(logging.WARNING)
+        # paramiko logs a refused channel as an ERROR, also while zlh waits for a port to
+        # open; zlh reports each SSH failure itself, as its one error line.
+        logging.getLogger("paramiko").setLevel(logging.CRITICAL)
