@@ -406,3 +406,70 @@ def test_snapshot_names_and_listing_through_the_cli(cluster: Cluster) -> None:
         back.stderr
     [rollback] = cluster.pve.params_of("POST", "/snapshot/first/rollback")
     assert rollback.get("start", "0") == "0"
+
+
+# -- the operator's config, as zlh reads it ------------------------------------------------
+
+
+def _line_of(path: Path, text: str) -> int:
+    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+def _secret_dir(cluster: Cluster) -> Path:
+    folder = cluster.tmp / "secret-folder"
+    folder.mkdir(mode=0o700)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [(lambda c: c.tmp / "no-such-file", "secret file {path} does not exist"),
+     (lambda c: c.secret_file.chmod(0o640) or c.secret_file,
+      "secret file {path} is open to others (mode 0640); run: chmod 600 {path}"),
+     (_secret_dir, "secret file {path} is not a regular file")],
+    ids=["missing", "group-readable", "a-folder"],
+)
+def test_a_token_secret_file_problem_names_the_file_line_and_key(
+    cluster: Cluster, make: Any, problem: str,
+) -> None:
+    secret = cluster.secret_file.read_text().strip()
+    cluster.settings["token_secret_file"] = str(make(cluster))
+    done = _cli(cluster, "templates")
+    config = cluster.tmp / "xdg-config/zlh/config.yaml"
+    line = _line_of(config, "token_secret_file:")
+    problem = problem.format(path=cluster.settings["token_secret_file"])
+    assert (done.returncode, done.stderr) == (3, (
+        f"zlh: error: {config}:{line}: proxmox.token_secret_file: {problem}\n"))
+    assert secret not in done.stdout + done.stderr
+
+
+def test_a_refused_token_is_named_and_its_secret_is_not_printed(cluster: Cluster) -> None:
+    write_secret(cluster.secret_file, "0b8cf3e0-5c55-4a61-9b52-8f5b0ad0c0de")
+    done = _cli(cluster, "templates")
+    config = cluster.tmp / "xdg-config/zlh/config.yaml"
+    line = _line_of(config, "token_secret_file:")
+    assert (done.returncode, done.stderr) == (3, (
+        "zlh: error: Proxmox: GET cluster/resources: invalid token value! (API token "
+        f"root@pam!zlh, its secret from {config}:{line}: proxmox.token_secret_file)\n"))
+    assert "0b8cf3e0" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "problem"),
+    [("proxmox:\n  - host: pve1\n", 1,
+      "proxmox: should be a mapping (key: value lines), not a list"),
+     ("ssh: 22\n", 1, "ssh: should be a mapping (key: value lines), not a number"),
+     ("- proxmox\n", 1, "should be a mapping (key: value lines), not a list")],
+    ids=["a-list", "a-number", "no-mapping"],
+)
+def test_a_config_section_that_is_no_mapping_is_named(cluster: Cluster, text: str, line: int,
+                                                      problem: str) -> None:
+    folder = cluster.tmp / "xdg-config/zlh"
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(text)
+    env = {**os.environ, "ZLH_HOME": str(cluster.tmp / "home"),
+           "XDG_CONFIG_HOME": str(folder.parent)}
+    done = subprocess.run([*ZLH, "templates"], env=env, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=60, check=False)
+    assert (done.returncode, done.stderr) == (
+        3, f"zlh: error: {folder / 'config.yaml'}:{line}: {problem}\n")

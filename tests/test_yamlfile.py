@@ -158,8 +158,8 @@ def test_several_errors_are_listed_by_line(in_tmp: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("", "conf.yaml:1: Input should be a valid dictionary or instance of Config"),
-        ("- a\n", "conf.yaml:1: Input should be a valid dictionary or instance of Config"),
+        ("", "conf.yaml:1: should be a mapping (key: value lines), not empty"),
+        ("- a\n", "conf.yaml:1: should be a mapping (key: value lines), not a list"),
     ],
     ids=["empty", "list"],
 )

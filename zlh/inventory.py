@@ -327,6 +327,9 @@ def read_secret(path: Path) -> str:
         raise NotFoundError(f"secret file {path} does not exist") from None
     except OSError as exc:
         raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"secret file {path} is not a regular file")
     with os.fdopen(fd, encoding="utf-8") as handle:
         mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
         if mode & 0o077:

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from zlh.errors import ConfigError, NotFoundError
 from zlh.paths import config_path, zlh_home
-from zlh.yamlfile import Document, read_yaml, validate
+from zlh.yamlfile import Document, display_path, read_yaml, validate
 
 
 class Model(BaseModel):
@@ -118,6 +118,8 @@ def load(path: Path | None = None) -> OperatorConfig:
         doc = read_yaml(path)
     except NotFoundError:
         doc = Document(path=path, data={}, lines={})
+    if not isinstance(doc.data, dict | None):
+        return validate(doc, OperatorConfig)  # says where the mapping should be
     data = dict(doc.data or {})
     overridden = _with_env(data, os.environ)
     if overridden == data:
@@ -131,6 +133,8 @@ def load(path: Path | None = None) -> OperatorConfig:
 def _with_env(data: dict[str, Any], env: os._Environ[str] | dict[str, str]) -> dict[str, Any]:
     result = dict(data)
     for section, model in SECTIONS.items():
+        if not isinstance(result.get(section), dict | None):
+            continue  # no mapping to override keys in: validation says so
         values = dict(result.get(section) or {})
         for key, info in model.model_fields.items():
             raw = env.get(f"ZLH_{section.upper()}_{key.upper()}")
@@ -139,6 +143,20 @@ def _with_env(data: dict[str, Any], env: os._Environ[str] | dict[str, str]) -> d
         if values:
             result[section] = values
     return result
+
+
+def origin(section: str, key: str) -> str:
+    """Where the value of `section.key` comes from, for messages: its environment
+    variable, or `FILE:LINE: section.key` in the config file."""
+    variable = f"ZLH_{section.upper()}_{key.upper()}"
+    if variable in os.environ:
+        return variable
+    path = config_path()
+    try:
+        doc = read_yaml(path)
+    except (NotFoundError, ConfigError):
+        return f"{section}.{key}"
+    return f"{display_path(path)}:{doc.line_of((section, key))}: {section}.{key}"
 
 
 def _first_error(exc: ValidationError) -> str:

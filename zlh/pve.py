@@ -13,13 +13,15 @@ task names the error line of its log.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from zlh.errors import ConfigError, ProvisionError
+from zlh import opconfig
+from zlh.errors import ConfigError, ProvisionError, ZlhError
 from zlh.inventory import read_secret
 from zlh.opconfig import ProxmoxConfig
 
@@ -132,7 +134,11 @@ class PveClient:
         try:
             return self._request(self._session(), method, path, sent)
         except ProxmoxError as exc:
-            if exc.status != 401 or self.config.auth != "ticket":
+            if exc.status == 401 and self.config.auth == "token":
+                cfg = self.config
+                raise ConfigError(f"{exc} (API token {cfg.user}!{cfg.token_id}, its secret "
+                                  f"from {_secret_origin(cfg)})") from None
+            if exc.status != 401:
                 raise
             log.info("Proxmox answered 401 (%s); logging in again", exc.message)
             return self._request(self._session(renew=True), method, path, sent)
@@ -202,8 +208,6 @@ class PveClient:
 
 def _secret(config: ProxmoxConfig) -> str:
     """The token secret or the password, from the environment or a file of mode 0600."""
-    import os
-
     if config.auth == "token":
         env, path, what = "ZLH_PROXMOX_TOKEN_SECRET", config.token_secret_file, "token_secret"
     else:
@@ -212,7 +216,18 @@ def _secret(config: ProxmoxConfig) -> str:
         return os.environ[env]
     if path is None:
         raise ConfigError(f"proxmox: set {what}_file (a file of mode 0600) or {env}")
-    return read_secret(path)
+    try:
+        return read_secret(path)
+    except ZlhError as exc:
+        raise ConfigError(f"{opconfig.origin('proxmox', f'{what}_file')}: {exc}") from None
+
+
+def _secret_origin(config: ProxmoxConfig) -> str:
+    """Where the token secret came from: its variable, or the config key that names its
+    file."""
+    variable = "ZLH_PROXMOX_TOKEN_SECRET"
+    return variable if os.environ.get(variable) else \
+        opconfig.origin("proxmox", "token_secret_file")
 
 
 def _describe(exc: Any) -> str:

@@ -296,7 +296,20 @@ def _reason(err: ErrorDetails) -> str:
         return "required key is missing"
     if kind == "union_tag_invalid":
         return f"should be one of {ctx.get('expected_tags', '')}, not {ctx.get('tag', '')!r}"
+    if kind in ("model_type", "dict_type"):
+        return f"should be a mapping (key: value lines), not {_kind_of(err.get('input'))}"
     message = str(err["msg"])
     for prefix in ("Value error, ", "Assertion failed, "):
         message = message.removeprefix(prefix)
     return message
+
+
+def _kind_of(value: Any) -> str:
+    """What a YAML value is, in the words of a message."""
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    return "text" if isinstance(value, str) else "empty" if value is None else "another type"
