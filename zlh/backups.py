@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from zlh import records
 from zlh.errors import ConfigError, IntegrityError, NotFoundError, UsageError, ZlhError
@@ -159,32 +159,29 @@ class Pulled:
 
 def pull(name: str, backup_id: str, dest: Path) -> Pulled:
     """Download an archive to `dest` (a file or a folder); hash-checked, renamed when whole."""
-    target = dest / f"{backup_id}.tar.zst" if dest.is_dir() else dest
-    tmp = target.with_name(f".{target.name}.part")
+    from zlh.download import Landing, target_of
+
+    target = target_of(dest, f"{backup_id}.tar.zst")
     with _client(name) as client:
         listed = {r.id: r for r in client.backups().backups}
         if backup_id not in listed:
             raise NotFoundError(f"server {name} has no backup {backup_id!r}")
         expected = listed[backup_id].sha256 or ""
-        try:
-            size, digest = _download(client, backup_id, tmp, expected)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    os.replace(tmp, target)
+        landing = Landing(target)
+        with landing as out:
+            size, digest = _download(client, backup_id, out, expected)
+            landing.keep()
     return Pulled(backup_id, target, size, digest)
 
 
-def _download(client: Any, backup_id: str, tmp: Path, expected: str) -> tuple[int, str]:
+def _download(client: Any, backup_id: str, out: BinaryIO, expected: str) -> tuple[int, str]:
     digest, size = hashlib.sha256(), 0
-    with client.stream("GET", f"/v1/backups/{backup_id}") as answer, open(tmp, "xb") as out:
+    with client.stream("GET", f"/v1/backups/{backup_id}") as answer:
         header = answer.headers.get("x-sha256", "")
         for chunk in answer.iter_bytes(CHUNK):
             digest.update(chunk)
             out.write(chunk)
             size += len(chunk)
-        out.flush()
-        os.fsync(out.fileno())
     actual = digest.hexdigest()
     if actual != expected or actual != header:
         raise IntegrityError(f"backup {backup_id}: downloaded sha256 {actual} does not match "

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from zlh import records
@@ -46,27 +45,29 @@ class Fetched:
 
 def get(name: str, path: str, dest: Path | None, out: BinaryIO) -> Fetched:
     """Download a file to `dest` (renamed when complete), or to `out` when dest is None."""
-    target = dest / Path(path).name if dest is not None and dest.is_dir() else dest
-    tmp = target.with_name(f".{target.name}.part") if target is not None else None
-    digest, size = hashlib.sha256(), 0
+    from zlh.download import Landing, target_of
+
+    target = target_of(dest, PurePosixPath(path).name) if dest is not None else None
     with _client(name) as client, client.stream("GET", "/v1/files", params={"path": path}) as r:
         if r.headers.get("content-type", "").startswith("application/json"):
             raise UsageError(f"{path!r} is a folder; use `zlh files ls`")
-        sink = open(tmp, "xb") if tmp is not None else out
-        try:
-            for chunk in r.iter_bytes(CHUNK):
-                digest.update(chunk)
-                sink.write(chunk)
-                size += len(chunk)
-        except BaseException:
-            if tmp is not None:
-                sink.close()
-                tmp.unlink(missing_ok=True)
-            raise
-    if tmp is not None and target is not None:
-        sink.close()
-        os.replace(tmp, target)
-    return Fetched(path, str(target) if target else "-", size, digest.hexdigest())
+        if target is None:
+            size, digest = _copy(r, out)
+        else:
+            landing = Landing(target)
+            with landing as sink:
+                size, digest = _copy(r, sink)
+                landing.keep()
+    return Fetched(path, str(target) if target else "-", size, digest)
+
+
+def _copy(answer: Any, sink: BinaryIO) -> tuple[int, str]:
+    digest, size = hashlib.sha256(), 0
+    for chunk in answer.iter_bytes(CHUNK):
+        digest.update(chunk)
+        sink.write(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
 
 
 def put(name: str, source: Path, path: str) -> FileInfo:

@@ -1,0 +1,158 @@
+"""`zlh backup pull` and `zlh files get` against a real agent: where a download lands on this
+machine. It lands whole or not at all, never replaces something that is not a regular file
+(a device node such as /dev/null was replaced by the archive), and a place that cannot be
+written is one line naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.agentfix import AgentProcess
+from zlh.cli import run
+from zlh.inventory import Inventory, Server, write_secret
+
+WORLD_BYTES = 512 * 1024  # random, so the archive is about as big
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[AgentProcess]:
+    proc = AgentProcess(tmp_path / "box").start()
+    world = proc.root / "srv" / "world"
+    world.mkdir(parents=True)
+    (world / "level.dat").write_bytes(os.urandom(WORLD_BYTES))
+    spec = {"playbook": "x", "processes": [], "backup": {"paths": ["world/"]}}
+    assert proc.client.put("/v1/spec", json=spec).status_code == 200
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def zlh(agent: AgentProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
+    monkeypatch.setenv("ZLH_HOME", str(tmp_path / "zlh"))
+    token = tmp_path / "zlh/box.token"
+    write_secret(token, agent.token)
+    with Inventory(tmp_path / "zlh/inventory.db") as inventory:
+        inventory.add(Server(name="box", playbook="x", provider="local", address="127.0.0.1",
+                             agent_port=agent.port, token_path=str(token), step="ready"))
+
+    def invoke(*args: str) -> tuple[int, str, str]:
+        code = run(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return invoke
+
+
+def take_backup(agent: AgentProcess) -> str:
+    answer = agent.client.post("/v1/backups", json={}, timeout=60)
+    assert answer.status_code == 201, answer.text
+    return str(answer.json()["backup"]["id"])
+
+
+def command(kind: str, backup_id: str, dest: Path) -> list[str]:
+    if kind == "pull":
+        return ["backup", "pull", "box", backup_id, str(dest)]
+    return ["files", "get", "box", "world/level.dat", str(dest)]
+
+
+def make_device(path: Path) -> None:
+    os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # a null device, like /dev/null
+
+
+DESTS: dict[str, Callable[[Path], Any]] = {
+    "device": make_device,
+    "fifo": os.mkfifo,
+    "link": lambda p: p.symlink_to(p.parent / "elsewhere"),
+}
+
+
+@pytest.mark.parametrize("kind", ["pull", "get"])
+@pytest.mark.parametrize("dest", list(DESTS), ids=list(DESTS))
+def test_a_destination_that_is_not_a_regular_file_is_left_alone(agent, zlh, tmp_path, kind,
+                                                                dest) -> None:
+    backup_id = take_backup(agent)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "elsewhere").write_text("kept\n")
+    DESTS[dest](out / "target")
+    before = os.lstat(out / "target")
+
+    code, stdout, stderr = zlh(*command(kind, backup_id, out / "target"))
+
+    assert (code, stdout) == (2, "")
+    assert stderr == (f"zlh: error: {out / 'target'} exists and is not a regular file; "
+                      "nothing was written\n")
+    after = os.lstat(out / "target")
+    assert (after.st_mode, after.st_ino, after.st_rdev) == \
+        (before.st_mode, before.st_ino, before.st_rdev)
+    assert sorted(p.name for p in out.iterdir()) == ["elsewhere", "target"]
+    assert (out / "elsewhere").read_text() == "kept\n"
+
+
+@pytest.mark.parametrize("kind", ["pull", "get"])
+def test_a_missing_folder_is_named(agent, zlh, tmp_path, kind) -> None:
+    backup_id = take_backup(agent)
+    dest = tmp_path / "nowhere" / "x"
+
+    code, stdout, stderr = zlh(*command(kind, backup_id, dest))
+
+    assert (code, stdout) == (2, "")
+    assert stderr == f"zlh: error: {dest}: the folder {dest.parent} does not exist\n"
+
+
+@pytest.mark.parametrize("kind", ["pull", "get"])
+def test_a_stale_part_file_does_not_stop_a_download(agent, zlh, tmp_path, kind) -> None:
+    backup_id = take_backup(agent)
+    name = f"{backup_id}.tar.zst" if kind == "pull" else "level.dat"
+    (tmp_path / f".{name}.part").write_text("left by a download that was cut off\n")
+
+    code, _, stderr = zlh(*command(kind, backup_id, tmp_path))
+
+    assert code == 0, stderr
+    assert (tmp_path / name).stat().st_size > WORLD_BYTES // 2
+
+
+@pytest.fixture
+def mounted(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Mount a tmpfs with the given options; unmounted at the end."""
+    if os.geteuid() != 0:
+        pytest.fail("this test mounts a tmpfs: run it as root (as .ci/run does)")
+    folders: list[Path] = []
+
+    def mount(options: str) -> Path:
+        folder = tmp_path / f"mnt{len(folders)}"
+        folder.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], check=True)
+        folders.append(folder)
+        return folder
+
+    yield mount
+    for folder in folders:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("kind", ["pull", "get"])
+@pytest.mark.parametrize(("options", "why"), [("ro,size=1m", "Read-only file system"),
+                                              ("size=64k", "No space left on device")],
+                         ids=["read-only", "full"])
+def test_a_place_that_cannot_be_written_is_one_line(agent, zlh, mounted, kind, options,
+                                                     why) -> None:
+    backup_id = take_backup(agent)
+    folder = mounted(options)
+    name = f"{backup_id}.tar.zst" if kind == "pull" else "level.dat"
+
+    code, stdout, stderr = zlh(*command(kind, backup_id, folder))
+
+    assert (code, stdout) == (1, "")
+    assert stderr.startswith(f"zlh: error: {folder / name}: cannot write there ({why})")
+    assert stderr.count("\n") == 1 and "internal error" not in stderr
+    assert list(folder.iterdir()) == []
