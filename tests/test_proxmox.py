@@ -408,6 +408,32 @@ def test_snapshot_names_and_listing_through_the_cli(cluster: Cluster) -> None:
     assert rollback.get("start", "0") == "0"
 
 
+def test_snapshot_names_proxmox_refuses_or_does_not_have(cluster: Cluster) -> None:
+    from zlh.inventory import Inventory, Server
+
+    cluster.provider().create_container("mt1")
+    with Inventory() as inventory:
+        inventory.add(Server(name="mt1", playbook="minetest", provider="proxmox",
+                             address="", step="ready", status="ready"))
+    # Proxmox takes upper case too; `current` and `vzdump` are its own.
+    assert _cli(cluster, "snapshot", "mt1", "BeforeUpdate").returncode == 0
+    for reserved in ("current", "vzdump"):
+        done = _cli(cluster, "snapshot", "mt1", reserved)
+        assert (done.returncode, done.stderr) == (2, (
+            f"zlh: error: snapshot name '{reserved}' is reserved by Proxmox; "
+            "choose another\n"))
+    bad = _cli(cluster, "rollback", "mt1", "before-update")
+    assert (bad.returncode, bad.stderr) == (2, (
+        "zlh: error: invalid snapshot name 'before-update': Proxmox wants a letter, then "
+        "letters, digits or '_' (no '-')\n"))
+    unknown = _cli(cluster, "rollback", "mt1", "yesterday")
+    assert (unknown.returncode, unknown.stderr) == (4, (
+        "zlh: error: mt1 has no snapshot 'yesterday' (there: BeforeUpdate); "
+        "see `zlh snapshot list mt1`\n"))
+    assert cluster.pve.params_of("POST", "/rollback") == []
+    assert [s.name for s in cluster.provider().snapshots("mt1")] == ["BeforeUpdate"]
+
+
 # -- the operator's config, as zlh reads it ------------------------------------------------
 
 

@@ -259,3 +259,16 @@ def test_snapshot_and_rollback(api: ProxmoxAPI) -> None:
     upid = api.nodes("pve1").lxc(100).snapshot("before").rollback.post()
     assert wait_task(api, "pve1", upid)["exitstatus"] == "OK"
     assert api.nodes("pve1").lxc(100).config.get()["memory"] == "512"
+
+
+def test_snapshot_names_are_checked_as_proxmox_checks_them(api: ProxmoxAPI) -> None:
+    make_ct(api, memory=512)
+    # pve-configid ignores case, as Proxmox's /i pattern does.
+    wait_task(api, "pve1", api.nodes("pve1").lxc(100).snapshot.post(snapname="BeforeUpdate"))
+    for reserved in ("current", "vzdump"):
+        with pytest.raises(ResourceException) as caught:
+            api.nodes("pve1").lxc(100).snapshot.post(snapname=reserved)
+        assert (caught.value.status_code, caught.value.content) == (
+            500, f"unable to use snapshot name '{reserved}' (reserved name)")
+    assert [s["name"] for s in api.nodes("pve1").lxc(100).snapshot.get()] == \
+        ["BeforeUpdate", "current"]

@@ -62,6 +62,8 @@ MB = 1024 * 1024
 GB = 1024 * MB
 DEFAULT_TEMPLATE = "local:vztmpl/debian-12-standard_12.7-1_amd64.tar.zst"
 LINK_LOCAL_PREFIX = "fe80::be24:11ff:fe00:"
+# `current` stands for the live state in snapshot lists; vzdump uses `vzdump` for backups.
+RESERVED_SNAPSHOTS = ("current", "vzdump")
 
 
 class PveError(Exception):
@@ -695,6 +697,8 @@ class PveDouble:
         ct = self._ct(params)
         self._check_lock(ct, params)
         name = params["snapname"]
+        if name in RESERVED_SNAPSHOTS:
+            raise PveError(500, f"unable to use snapshot name '{name}' (reserved name)")
         if name in ct.snapshots:
             raise PveError(500, f"snapshot name '{name}' already used")
         with self._lock:

@@ -230,10 +230,14 @@ def _mp_volume(value: str) -> bool:
         is not None
 
 
+STORAGE_ID = re.compile(r"[a-z][a-z0-9\-_.]*[a-z0-9]", re.IGNORECASE)
+CONFIG_ID = re.compile(r"[a-z][a-z0-9_]+", re.IGNORECASE)
+
 NAMED_FORMATS: dict[str, Callable[[str], bool]] = {
     "pve-node": lambda v: re.fullmatch(r"[a-zA-Z0-9]([a-zA-Z0-9\-]*[a-zA-Z0-9])?", v) is not None,
-    "pve-storage-id": lambda v: re.fullmatch(r"[a-z][a-z0-9\-_.]*[a-z0-9]", v) is not None,
-    "pve-configid": lambda v: re.fullmatch(r"[a-z][a-z0-9_]+", v) is not None,
+    # Proxmox's patterns for these two end in /i: upper case passes.
+    "pve-storage-id": lambda v: STORAGE_ID.fullmatch(v) is not None,
+    "pve-configid": lambda v: CONFIG_ID.fullmatch(v) is not None,
     "pve-tag-list": _tag_list,
     "dns-name": _dns_name,
     "ipv4": lambda v: _ip(v, 4),

@@ -59,8 +59,10 @@ log = logging.getLogger(__name__)
 
 TAG = "zlh"
 VMID_ATTEMPTS = 20
-# Proxmox's pve-configid format, which snapshot names must have.
-SNAPSHOT_NAME = re.compile(r"[a-z][a-z0-9_]+")
+# Proxmox's pve-configid format (any case), which snapshot names must have; Proxmox keeps
+# `current` (the live state) and `vzdump` (its backups) for itself.
+SNAPSHOT_NAME = re.compile(r"[a-z][a-z0-9_]+", re.IGNORECASE)
+RESERVED_SNAPSHOTS = ("current", "vzdump")
 ADDRESS_POLL_MAX_S = 2.0
 SSHD_POLL_S = 0.2
 HOST_KEYS = "host-keys"
@@ -301,9 +303,10 @@ class ProxmoxProvider:
                                  timeout=timeout, forceStop=True)
 
     def snapshot(self, name: str, snapname: str, description: str = "") -> None:
-        if not SNAPSHOT_NAME.fullmatch(snapname):
-            raise UsageError(f"invalid snapshot name {snapname!r}: Proxmox wants a letter, "
-                             "then letters, digits or '_' (no '-')")
+        _check_snapshot_name(snapname)
+        if snapname in RESERVED_SNAPSHOTS:
+            raise UsageError(f"snapshot name {snapname!r} is reserved by Proxmox; "
+                             "choose another")
         container = self._get(name)
         self.client.run_task("POST", f"{self._ct_path(container)}/snapshot",
                              snapname=snapname, description=description)
@@ -319,6 +322,11 @@ class ProxmoxProvider:
 
     def rollback(self, name: str, snapname: str, start: bool = False) -> None:
         """Proxmox stops a running container first; with `start` it starts it after."""
+        _check_snapshot_name(snapname)
+        there = [s.name for s in self.snapshots(name)]
+        if snapname not in there:
+            raise NotFoundError(f"{name} has no snapshot {snapname!r} (there: "
+                                f"{', '.join(there) or 'none'}); see `zlh snapshot list {name}`")
         container = self._get(name)
         self.client.run_task("POST", f"{self._ct_path(container)}/snapshot/{snapname}/rollback",
                              start=start)
@@ -634,6 +642,12 @@ def pick_address(interfaces: list[dict[str, Any]] | None) -> str | None:
                 candidates.append(address)
     candidates.sort(key=lambda a: a.version)
     return str(candidates[0]) if candidates else None
+
+
+def _check_snapshot_name(snapname: str) -> None:
+    if not SNAPSHOT_NAME.fullmatch(snapname):
+        raise UsageError(f"invalid snapshot name {snapname!r}: Proxmox wants a letter, "
+                         "then letters, digits or '_' (no '-')")
 
 
 def _int(value: Any) -> int | None:
