@@ -5,11 +5,26 @@ Like models.py, this module is imported by `zlh` and needs nothing of the agent'
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, PlainSerializer
 
 from agentd.models import Model, Out
+
+
+def _shown(text: str) -> str:
+    """A file name as JSON can carry it: bytes that are not UTF-8 shown as \\xNN."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # how os.fsdecode kept such bytes
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return raw.decode("utf-8", "backslashreplace")
+
+
+# Names read from the disk, and messages that may hold one: a file named with bytes that
+# are not UTF-8 (a world can hold one) would otherwise make the whole answer fail. In
+# JSON only; index.json keeps the exact name.
+Shown = Annotated[str, PlainSerializer(_shown, when_used="json")]
 
 BackupResultKind = Literal["ok", "failed", "partial"]
 RestoreOutcome = Literal["restored", "rolled-back", "refused", "failed"]
@@ -36,9 +51,9 @@ class BackupRecord(Out):
     duration: float = 0.0
     quiesced: bool = False
     quiesced_seconds: float = 0.0
-    changed_files: list[str] = Field(default_factory=list)
-    skipped: list[str] = Field(default_factory=list, description="sockets, fifos, links out")
-    error: str | None = None
+    changed_files: list[Shown] = Field(default_factory=list)
+    skipped: list[Shown] = Field(default_factory=list, description="sockets, fifos, links out")
+    error: Shown | None = None
 
 
 class RestoreReport(Out):
@@ -57,7 +72,7 @@ class RestoreReport(Out):
     outcome: RestoreOutcome
     interrupted_at: str | None = None
     ready: bool = False
-    message: str
+    message: Shown
 
 
 class BackupList(Out):
@@ -111,15 +126,15 @@ class RestoreRequest(Model):
 
 class RestoreResult(Out):
     id: str
-    paths: list[str]
+    paths: list[Shown]
     files: int
     ready: bool
     seconds: float
 
 
 class FileInfo(Out):
-    name: str
-    path: str = Field(description="relative to the server root")
+    name: Shown
+    path: Shown = Field(description="relative to the server root")
     type: Literal["file", "dir", "link", "other"]
     size: int
     mtime: float
@@ -128,5 +143,5 @@ class FileInfo(Out):
 
 
 class FileListing(Out):
-    path: str
+    path: Shown
     entries: list[FileInfo]

@@ -185,6 +185,31 @@ def test_restore_round_trip_compares_every_file(agent: AgentProcess) -> None:
     assert leftovers == []
 
 
+def test_names_that_are_not_utf8_are_listed_shown_and_restored_exactly(agent) -> None:
+    folder = os.fsencode(world(agent))
+    os.makedirs(folder)
+    with open(folder + b"/bad\xfe.dat", "wb") as handle:
+        handle.write(b"kept")
+    os.mkfifo(folder + b"/fifo\xff")  # skipped, so its name goes into the record
+    put_server(agent, game("--files", "0"))
+
+    record = run_backup(agent)
+    assert record["result"] == "ok" and record["skipped"] == ["world/fifo\\xff"], record
+    listed = agent.client.get("/v1/backups")
+    assert listed.status_code == 200, listed.text
+    assert listed.json()["backups"][-1]["skipped"] == ["world/fifo\\xff"]
+    files = agent.client.get("/v1/files", params={"path": "world"})
+    assert files.status_code == 200, files.text
+    assert sorted(e["name"] for e in files.json()["entries"]) == \
+        ["bad\\xfe.dat", "fifo\\xff", "region"]
+
+    os.unlink(folder + b"/bad\xfe.dat")
+    answer = agent.client.post(f"/v1/backups/{record['id']}/restore", json={}, timeout=120)
+    assert answer.status_code == 200, answer.text
+    with open(folder + b"/bad\xfe.dat", "rb") as handle:
+        assert handle.read() == b"kept"
+
+
 def test_restore_puts_the_previous_world_back_when_the_restored_one_does_not_boot(
         agent: AgentProcess) -> None:
     (world(agent)).mkdir(parents=True)
