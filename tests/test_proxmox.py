@@ -152,6 +152,18 @@ def test_a_failed_task_reaches_the_operator_as_one_line(cluster: Cluster) -> Non
                                     "startup for container '100' failed see journal")
 
 
+def test_a_failed_create_leaves_no_container_and_a_rerun_makes_one(cluster: Cluster) -> None:
+    provider = cluster.provider()
+    cluster.pve.fail_next("vzcreate", "unable to create CT 100 - disk quota exceeded")
+    with pytest.raises(ProxmoxError) as caught:
+        provider.create_container("mt1")
+    assert caught.value.message == ("Proxmox task vzcreate 100 on pve2 failed: "
+                                    "unable to create CT 100 - disk quota exceeded")
+    assert cluster.pve.containers == {}  # Proxmox removes what a failed create made
+    assert provider.create_container("mt1").vmid == 100
+    assert [ct.config["hostname"] for ct in cluster.pve.containers.values()] == ["mt1"]
+
+
 def test_warnings_count_as_success(cluster: Cluster) -> None:
     provider = cluster.provider()
     provider.create_container("mt1")

@@ -10,7 +10,8 @@ answers as Proxmox does:
   vmid, locked container, running container deleted without force, unknown storage);
 - long actions (create, start, stop, shutdown, destroy, snapshot, rollback) return a UPID
   at once and finish in a worker thread; their status turns `stopped` with `OK`,
-  `WARNINGS: N` or the error text, and their log ends with `TASK OK` / `TASK ERROR: ...`.
+  `WARNINGS: N` or the error text, and their log ends with `TASK OK` / `TASK ERROR: ...`;
+  a create that fails (a scripted fault too) removes the container it began.
 
 Auth: API tokens (`Authorization: PVEAPIToken=USER!NAME=SECRET`) and tickets from
 `POST /access/ticket` (cookie `PVEAuthCookie`, `CSRFPreventionToken` header on writes),
@@ -534,13 +535,14 @@ class PveDouble:
             node.mem += ct.memory_bytes
         start = params.get("start", "0") in ("1", "true", "yes", "on")
         template = params["ostemplate"]
+        # A create that fails removes what it made, as pve-container does.
         return self._spawn(node.name, "vzcreate", str(vmid), user,
-                           lambda task: self._finish_create(ct, template, start, task))
+                           lambda task: self._finish_create(ct, template, start, task),
+                           undo=lambda: self._forget(ct))
 
     def _finish_create(self, ct: Container, template: str, start: bool, task: Task) -> None:
         storage = self.storages[template.split(":", 1)[0]]
         if not any(v["volid"] == template for v in storage.volumes):
-            self._forget(ct)
             raise TaskFailed(f"unable to create CT {ct.vmid} - volume '{template}' "
                              "does not exist")
         task.log.append(f"extracting archive '{template}'")
@@ -753,7 +755,8 @@ class PveDouble:
     # -- tasks ------------------------------------------------------------------------
 
     def _spawn(self, node: str, kind: str, ident: str, user: str,
-               work: Callable[[Task], None]) -> str:
+               work: Callable[[Task], None], undo: Callable[[], None] | None = None) -> str:
+        """Run `work` as a task; when the task fails (scripted or not), `undo` runs."""
         pid, pstart, start = next(self._pids), 0x0C0FFEE, int(time.time())
         upid = f"UPID:{node}:{pid:08X}:{pstart:08X}:{start:08X}:{kind}:{ident}:{user}:"
         task = Task(upid, node, kind, ident, user, pid, pstart, start)
@@ -761,14 +764,15 @@ class PveDouble:
             fault = self._faults.get(kind, [])
             scripted = fault.pop(0) if fault else None
             self.tasks[upid] = task
-        thread = threading.Thread(target=self._run_task, args=(task, work, scripted),
+        thread = threading.Thread(target=self._run_task, args=(task, work, scripted, undo),
                                   name=f"pve-task-{kind}", daemon=True)
         self._threads.append(thread)
         thread.start()
         return upid
 
     def _run_task(self, task: Task, work: Callable[[Task], None],
-                  scripted: tuple[str, str | int] | None) -> None:
+                  scripted: tuple[str, str | int] | None,
+                  undo: Callable[[], None] | None) -> None:
         # The pause stands for the work a real node does; tests see `running` first.
         task.done.wait(self.task_seconds)
         try:
@@ -776,6 +780,8 @@ class PveDouble:
                 raise TaskFailed(str(scripted[1]))
             work(task)
         except TaskFailed as exc:
+            if undo is not None:
+                undo()
             self._end_task(task, str(exc), f"TASK ERROR: {exc}")
             return
         except Exception as exc:  # a bug in the double: make it visible in the task
