@@ -122,6 +122,12 @@ def test_a_bastion_whose_host_key_changed_is_refused(net: Net) -> None:
         f"{fingerprint_of(net.bastion)}; refusing to connect.")
     again = net.zlh("ssh", "trust", f"127.0.0.1:{net.bastion.port}")
     assert again.returncode == 5 and "pass --replace" in again.stderr
+    # The command the refusal names is the one step that accepts the new key.
+    advice = done.stderr.rstrip("\n").rsplit("run `", 1)[1].removesuffix("`")
+    assert advice == f"zlh ssh trust 127.0.0.1:{net.bastion.port} --replace"
+    replaced = net.zlh(*advice.split()[1:])
+    assert replaced.returncode == 0, replaced.stderr
+    assert net.zlh("ssh", "mt1", "--", "true").returncode == 0
 
 
 

@@ -134,7 +134,7 @@ def _login(client: paramiko.SSHClient, hop: Hop, config: SshConfig, what: str,
             f"HOST KEY CHANGED for the {what} {hop.known_hosts_name}: "
             f"{config.known_hosts_file()} has {fingerprint(exc.expected_key)}, the server "
             f"offers {fingerprint(exc.key)}; refusing to connect. If the change is "
-            f"expected, remove its line and run `zlh ssh trust {hop.host}:{hop.port}`"
+            f"expected, run `zlh ssh trust {hop.host}:{hop.port} --replace`"
         ) from None
     except paramiko.SSHException as exc:
         if "not found in known_hosts" in str(exc):
