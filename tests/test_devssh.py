@@ -108,6 +108,17 @@ def test_the_host_key_is_generated_and_recorded_at_provisioning(operator: Operat
     assert (ssh["kind"], ssh["state"], ssh["ready"]) == ("service", "running", True)
 
 
+def test_check_looks_at_the_ide_and_the_sshd_of_a_dev_container(operator: Operator) -> None:
+    done = operator.zlh("check", NAME, "--json")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    checks = json.loads(done.stdout)["checks"]
+    ready = [c["detail"] for c in checks if c["name"] == "process ready"]
+    assert any(d.startswith("ide: running") for d in ready), ready
+    assert any(d.startswith(f"{devssh.PROCESS}: running") for d in ready), ready
+    assert all(c["ok"] for c in checks), checks
+
+
 def test_a_command_over_ssh_passes_its_exit_code_and_sees_the_one_path(
         operator: Operator) -> None:
     done = operator.zlh("ssh", NAME, "--", "sh -c 'echo $PATH; exit 3'", timeout=60)

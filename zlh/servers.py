@@ -280,14 +280,18 @@ def check_server(name: str) -> CheckReport:
         probes = {p.name: p.readiness.type if p.readiness else None
                   for p in client.get_spec().processes}
 
-    games = [p for p in status.processes if p.kind == "game"]
-    if not games:
-        report.checks.append(Check("process ready", False, "no game process in the spec"))
+    # A game server is its game processes; a dev container, which has none, is its IDE
+    # and its sshd.
+    checked = [p for p in status.processes if p.kind == "game"] or status.processes
+    if not checked:
+        report.checks.append(Check("process ready", False, "no process in the spec"))
     udp_ports = _udp_ports(record)
-    for process in games:
+    for process in checked:
         detail = f"{process.name}: {process.state}, ready={str(process.ready).lower()}"
         report.checks.append(Check("process ready", process.ready, detail))
-        if not process.port:
+        # code-server listens on the container's loopback, behind the proxy: its
+        # readiness probe (/healthz from inside) is what can be checked.
+        if not process.port or process.kind == "ide":
             continue
         address = record.address or "127.0.0.1"
         if process.port in udp_ports:
