@@ -6,6 +6,7 @@ State on disk (under the config's state_dir):
     provisioning.json    what the provisioner last reported
     console/NAME.log     each process's console (see console.py)
     holders/NAME.*       each process's holder files and saved state (see spawn.py)
+    uploads/TOKEN        an upload under way: its temporary file (see files.py)
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ class Agent:
                        config.server_root):
             folder.mkdir(parents=True, exist_ok=True)
         self.backups = BackupManager(config.state_dir, config.server_root, self)
-        self.files = ServerFiles(config.server_root, config.max_upload_bytes)
+        self.files = ServerFiles(config.server_root, config.max_upload_bytes,
+                                 config.state_dir / "uploads")
         self.runtimes = Runtimes(
             config.runtimes_dir or config.root / "opt/zlh/runtimes",
             config.profile_path or config.root / "etc/profile.d/zlh-runtimes.sh", self._pids,
@@ -92,6 +94,7 @@ class Agent:
         self.provisioning = self._load("provisioning.json", Provisioning) or Provisioning()
         self.runtimes.open()  # before any spawn: the runtimes' PATH goes into children
         self.backups.recover_world()  # before any spawn: no game on a half-restored world
+        self.files.recover()
         spec = self._load("spec.json", ServerSpec)
         self.sampler.start()
         if spec is not None:

@@ -3,7 +3,9 @@
 A path is relative to the server root; an absolute path, a `..` part or a NUL is
 refused, and so is any path whose resolved location (links followed) is outside the
 root. The last part of a path given to `delete` is not followed, so deleting a link
-removes the link. Known limit: a link swapped in between the check and the open could
+removes the link. An upload goes to a temporary file beside its target, named in a note
+under the state folder while it runs, so that the next agent removes what an agent killed
+mid-upload left. Known limit: a link swapped in between the check and the open could
 still redirect one access; when the agent runs as the game's own user that gains
 nothing, and openat2(RESOLVE_BENEATH) would close it once Python exposes it.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import secrets
 import shutil
 import stat
 from collections.abc import AsyncIterator
@@ -28,9 +31,11 @@ CHUNK = 1 << 20
 
 
 class ServerFiles:
-    def __init__(self, root: Path, max_upload: int) -> None:
+    def __init__(self, root: Path, max_upload: int, uploads: Path) -> None:
         self.root = root
         self.max_upload = max_upload
+        self.uploads = uploads  # one note per upload under way: its temporary file
+        uploads.mkdir(parents=True, exist_ok=True)
 
     # -- paths --------------------------------------------------------------------------
 
@@ -95,16 +100,24 @@ class ServerFiles:
         target = self._parent_checked(path)
         if target.is_dir() and not target.is_symlink():
             raise Conflict(f"{path!r} is a folder")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise Conflict(f"{path!r}: a part of its folder is a file, not a folder") from None
         if not self._inside(target.parent):
             raise Invalid(f"path {path!r} leads out of the server root", path="path")
-        tmp = target.with_name(f".{target.name}.upload-{os.getpid()}")
+        token = secrets.token_hex(8)
+        tmp = target.with_name(f".{target.name}.upload-{token}")
+        note = self.uploads / token
+        note.write_text(str(tmp))  # so that an agent killed meanwhile has it removed
         try:
             await self._receive(tmp, chunks)
             os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        finally:
+            note.unlink()
         log.info("file_written", extra=fields(path=path, bytes=target.stat().st_size))
         return self.info(target, with_hash=True)
 
@@ -118,6 +131,16 @@ class ServerFiles:
                 out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
+
+    def recover(self) -> None:
+        """At agent start: remove the temporary files of uploads a previous agent left."""
+        for note in self.uploads.iterdir():
+            tmp = Path(note.read_text())
+            if tmp.name.startswith(".") and ".upload-" in tmp.name and \
+                    self._inside(tmp.parent):
+                tmp.unlink(missing_ok=True)
+                log.warning("upload_leftover_removed", extra=fields(path=str(tmp)))
+            note.unlink()
 
     def delete(self, path: str, recursive: bool) -> FileInfo:
         target = self._parent_checked(path)

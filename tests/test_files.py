@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.agentfix import AgentProcess
+from tests.agentfix import AgentProcess, poll
 
 LIMIT = 64 * 1024
 
@@ -97,3 +101,48 @@ def test_writing_or_deleting_the_root_itself_is_refused(agent: AgentProcess) -> 
     assert agent.client.delete("/v1/files", params={"path": "."}).status_code == 422
     assert agent.client.put("/v1/files", params={"path": ""}, content=b"x").status_code == 422
     assert agent.client.get("/v1/files").status_code == 422
+
+
+def test_a_file_where_a_folder_should_be_is_a_conflict(agent: AgentProcess) -> None:
+    (srv(agent) / "world").mkdir()
+    (srv(agent) / "world" / "level.dat").write_text("level")
+
+    answer = agent.client.put("/v1/files", params={"path": "world/level.dat/x"}, content=b"x")
+
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["error"]["message"] == \
+        "'world/level.dat/x': a part of its folder is a file, not a folder"
+    assert (srv(agent) / "world" / "level.dat").read_text() == "level"
+    assert sorted(p.name for p in (srv(agent) / "world").iterdir()) == ["level.dat"]
+
+
+def test_an_upload_cut_off_by_an_agent_kill_leaves_nothing_after_the_next_start(
+        agent: AgentProcess) -> None:
+    (srv(agent) / "mods").mkdir()
+    (srv(agent) / "mods" / "x.jar").write_text("old")
+    held = threading.Event()
+
+    def chunks() -> Iterator[bytes]:
+        yield b"y" * 1000
+        held.wait(60)  # the upload stays half done until the agent is killed
+
+    def upload() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            agent.client.put("/v1/files", params={"path": "mods/x.jar"}, content=chunks())
+
+    sender = threading.Thread(target=upload)
+    sender.start()
+    poll(lambda: [p for p in (srv(agent) / "mods").iterdir() if ".upload-" in p.name], 30,
+         "the upload's temporary file")
+    agent.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+    agent.proc.wait(10)  # type: ignore[union-attr]
+    held.set()
+    sender.join(30)
+
+    agent.start()
+    assert sorted(p.name for p in (srv(agent) / "mods").iterdir()) == ["x.jar"]
+    assert (srv(agent) / "mods" / "x.jar").read_text() == "old"
+    assert list((agent.state / "uploads").iterdir()) == []
+    assert agent.client.put("/v1/files", params={"path": "mods/x.jar"},
+                            content=b"new").status_code == 201
+    assert (srv(agent) / "mods" / "x.jar").read_text() == "new"
