@@ -77,6 +77,7 @@ class RunResult:
     changed_files: list[str] = field(default_factory=list)
     pruned: list[str] = field(default_factory=list)
     error: str | None = None
+    skipped: list[str] = field(default_factory=list)  # not archived: fifos, links out, ...
 
 
 def run_backup(name: str, keep: KeepPolicy | None = None) -> RunResult:
@@ -94,6 +95,7 @@ def run_backup(name: str, keep: KeepPolicy | None = None) -> RunResult:
             name, True, record.id, record.result, record.size, _since(began),
             record.quiesced_seconds if record.quiesced else None, record.changed_files,
             [e.id for e in outcome.prune.remove] if outcome.prune else [],
+            skipped=record.skipped,
         )
     _log_run(result)
     return result

@@ -169,6 +169,9 @@ def _run_lines(results: Any) -> str:
                      f"{r.seconds:.1f}s{quiet}")
         if r.changed_files:
             lines.append(f"  changed while read: {', '.join(r.changed_files[:10])}")
+        if r.skipped:
+            lines.append(f"  not archived (a restore of this backup drops them): "
+                         f"{', '.join(r.skipped[:10])}")
         if r.pruned:
             lines.append(f"  pruned: {', '.join(r.pruned)}")
     return "\n".join(lines)
@@ -185,12 +188,18 @@ def _list_table(listing: Any) -> Any:
             "no backups yet; take one with `zlh backup run NAME`", restored]))
     rows = [(b.id, render.when(b.time), b.result, render.size(b.size) if b.size else None,
              b.files, f"{b.duration:.1f}s", f"{b.quiesced_seconds:.1f}s" if b.quiesced else "-",
-             b.error or (f"{len(b.changed_files)} changed" if b.changed_files else ""))
+             b.error or _note(b))
             for b in listing.backups]
     columns = ("ID", "TIME", "RESULT", "SIZE", "FILES", "TOOK", "QUIESCED", "NOTE")
     title = "\n".join(filter(None, [f"running: {listing.running}" if listing.running else None,
                                     restored])) or None
     return render.table(columns, rows, title=title)
+
+
+def _note(record: Any) -> str:
+    notes = [f"{len(record.changed_files)} changed" if record.changed_files else "",
+             f"{len(record.skipped)} not archived" if record.skipped else ""]
+    return ", ".join(filter(None, notes))
 
 
 def _prune_table(result: Any) -> Any:

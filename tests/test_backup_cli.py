@@ -1,7 +1,8 @@
-"""`zlh backup pull` and `zlh files get` against a real agent: where a download lands on this
-machine. It lands whole or not at all, never replaces something that is not a regular file
-(a device node such as /dev/null was replaced by the archive), and a place that cannot be
-written is one line naming it.
+"""`zlh backup` and `zlh files` through the CLI against a real agent with a world and no game.
+
+Where a download (`backup pull`, `files get`) lands on this machine: whole or not at all,
+never over something that is not a regular file (a device node such as /dev/null was
+replaced by the archive), and a place that cannot be written is one line naming it.
 """
 
 from __future__ import annotations
@@ -156,3 +157,18 @@ def test_a_place_that_cannot_be_written_is_one_line(agent, zlh, mounted, kind, o
     assert stderr.startswith(f"zlh: error: {folder / name}: cannot write there ({why})")
     assert stderr.count("\n") == 1 and "internal error" not in stderr
     assert list(folder.iterdir()) == []
+
+
+def test_entries_a_backup_leaves_out_are_shown(agent, zlh, tmp_path) -> None:
+    world = agent.root / "srv" / "world"
+    os.mkfifo(world / "pipe")
+    (world / "shared").symlink_to(tmp_path)  # out of the server root
+
+    code, stdout, stderr = zlh("backup", "run", "box")
+
+    assert code == 0, stderr
+    assert stdout.splitlines()[1:] == [
+        "  not archived (a restore of this backup drops them): world/pipe, world/shared"]
+    code, stdout, stderr = zlh("backup", "list", "box")
+    assert code == 0, stderr
+    assert stdout.splitlines()[1].rstrip().endswith("2 not archived")
