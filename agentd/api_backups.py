@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
@@ -9,7 +10,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from agentd.backup_models import BackupRequest, PruneRequest, RestoreRequest
-from agentd.errors import Invalid
+from agentd.errors import Conflict, Invalid
 
 if TYPE_CHECKING:
     from agentd.agent import Agent
@@ -46,10 +47,15 @@ def routes(agent: Agent, limit: int) -> list[Route]:
         return _json(await agent.backups.prune(body))
 
     async def files_get(request: Request) -> Response:
-        target = agent.files.lookup(_path(request))
+        path = _path(request)
+        target = agent.files.lookup(path)
         if target.is_dir():
             return _json(agent.files.listing(target))
+        if _flag(request, "info"):
+            return _json(await asyncio.to_thread(agent.files.info, target, True))
         info = agent.files.info(target)
+        if info.type != "file":  # reading a fifo would wait for a writer forever
+            raise Conflict(f"{path!r} is not a regular file ({info.type})")
         return FileResponse(target, media_type="application/octet-stream",
                             headers={"X-File-Mode": f"{info.mode:o}"})
 
@@ -60,8 +66,7 @@ def routes(agent: Agent, limit: int) -> list[Route]:
         return _json(info, 201)
 
     async def files_delete(request: Request) -> Response:
-        recursive = request.query_params.get("recursive", "").lower() in ("1", "true", "yes")
-        return _json(agent.files.delete(_path(request), recursive))
+        return _json(agent.files.delete(_path(request), _flag(request, "recursive")))
 
     return [
         Route("/v1/backups", backup_list, methods=["GET"]),
@@ -80,6 +85,10 @@ async def _has_body(request: Request) -> bool:
     if declared is not None:
         return declared != "0"
     return request.headers.get("transfer-encoding", "") == "chunked"
+
+
+def _flag(request: Request, name: str) -> bool:
+    return request.query_params.get(name, "").lower() in ("1", "true", "yes")
 
 
 def _path(request: Request) -> str:

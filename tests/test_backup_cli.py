@@ -7,6 +7,8 @@ replaced by the archive), and a place that cannot be written is one line naming 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import stat
 import subprocess
@@ -172,3 +174,20 @@ def test_entries_a_backup_leaves_out_are_shown(agent, zlh, tmp_path) -> None:
     code, stdout, stderr = zlh("backup", "list", "box")
     assert code == 0, stderr
     assert stdout.splitlines()[1].rstrip().endswith("2 not archived")
+
+
+def test_files_ls_of_a_file_asks_the_agent_for_its_details(agent, zlh) -> None:
+    world = agent.root / "srv" / "world"
+    os.mkfifo(world / "pipe")  # reading it would wait for a writer forever
+    level = (world / "level.dat").stat()
+
+    code, stdout, stderr = zlh("files", "ls", "box", "world/level.dat", "--json")
+
+    assert code == 0, stderr
+    info = json.loads(stdout)
+    assert (info["size"], info["mtime"], info["mode"]) == \
+        (WORLD_BYTES, level.st_mtime, 0o644)
+    assert info["sha256"] == hashlib.sha256((world / "level.dat").read_bytes()).hexdigest()
+    assert zlh("files", "ls", "box", "world/pipe") == (0, "world/pipe: other, 0 bytes\n", "")
+    assert zlh("files", "get", "box", "world/pipe") == (
+        5, "", "zlh: error: agent: 'world/pipe' is not a regular file (other) (HTTP 409)\n")

@@ -168,7 +168,12 @@ class AgentClient:
         return FileInfo.model_validate(answer.json())
 
     def files_list(self, path: str) -> Any:
-        return self._request("GET", "/v1/files", params={"path": path})
+        """A folder's FileListing, or a file's FileInfo with its sha256 (not its bytes)."""
+        from agentd.backup_models import FileInfo, FileListing
+
+        data = self._request("GET", "/v1/files", params={"path": path, "info": "true"}).json()
+        return FileListing.model_validate(data) if "entries" in data \
+            else FileInfo.model_validate(data)
 
     def files_delete(self, path: str, recursive: bool = False) -> Any:
         from agentd.backup_models import FileInfo

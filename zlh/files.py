@@ -24,15 +24,8 @@ def _client(name: str) -> Any:
 
 def ls(name: str, path: str) -> FileListing | FileInfo:
     """A folder's entries, or one file's details."""
-    from agentd.backup_models import FileInfo, FileListing
-
     with _client(name) as client:
-        answer = client.files_list(path)
-    if answer.headers.get("content-type", "").startswith("application/json"):
-        return FileListing.model_validate(answer.json())
-    return FileInfo(name=Path(path).name, path=path, type="file", size=len(answer.content),
-                    mtime=0, mode=int(answer.headers.get("x-file-mode", "0"), 8),
-                    sha256=hashlib.sha256(answer.content).hexdigest())
+        return client.files_list(path)  # type: ignore[no-any-return]
 
 
 @dataclass

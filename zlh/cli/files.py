@@ -78,6 +78,8 @@ def _listing(result: Any) -> Any:
     from zlh import render
 
     entries = getattr(result, "entries", None)
+    if entries is None and result.type != "file":
+        return f"{result.path}: {result.type}, {result.size} bytes"
     if entries is None:
         return f"{result.path}: {result.size} bytes, sha256 {result.sha256}"
     if not entries:
