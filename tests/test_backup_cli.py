@@ -191,3 +191,14 @@ def test_files_ls_of_a_file_asks_the_agent_for_its_details(agent, zlh) -> None:
     assert zlh("files", "ls", "box", "world/pipe") == (0, "world/pipe: other, 0 bytes\n", "")
     assert zlh("files", "get", "box", "world/pipe") == (
         5, "", "zlh: error: agent: 'world/pipe' is not a regular file (other) (HTTP 409)\n")
+
+
+@pytest.mark.parametrize("quiet", [[], ["--quiet"]], ids=["plain", "quiet"])
+def test_a_failed_backup_of_one_server_is_one_line(agent, zlh, quiet) -> None:
+    agent.stop()
+
+    code, stdout, stderr = zlh("backup", "run", "box", *quiet)
+
+    assert (code, stdout) == (1, "")
+    assert stderr == (f"zlh: error: 1 of 1 backups failed: box: agent at "
+                      f"http://127.0.0.1:{agent.port} does not answer (connection refused)\n")

@@ -54,8 +54,10 @@ def run(
     keep = None if keep.empty() else keep
     results = backups.run_all(keep) if every else [backups.run_backup(str(name), keep)]
     failed = [r for r in results if not r.ok]
-    if not quiet or failed:
-        render.emit(results if every else results[0], want_json(json_output), _run_lines)
+    as_json = want_json(json_output)
+    alone_failed = not every and failed and not as_json  # the error line says it all
+    if (not quiet or failed) and not alone_failed:
+        render.emit(results if every else results[0], as_json, _run_lines)
     if failed:
         raise ZlhError(f"{len(failed)} of {len(results)} backups failed: "
                        + "; ".join(f"{r.server}: {r.error}" for r in failed))
