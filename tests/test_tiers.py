@@ -224,6 +224,40 @@ def test_provision_refuses_and_registers_nothing(
     assert not (Path(operator["ZLH_HOME"]) / "containers/dev1").exists()
 
 
+@pytest.mark.parametrize(("text", "error"), [
+    ("- tiers\n- limits\n",
+     "config/zlh/config.yaml:1: should be a mapping (key: value lines), not a list"),
+    ("tiers:\n  tiny: &t {memory_mb: 256, cores: 1, disk_gb: 1}\n  Tiny: *t\n",
+     "config/zlh/config.yaml:3: tiers.Tiny: not a tier name (lowercase letters, digits, '_')"),
+    ("limits: {servers_per_owner: 0}\nssh: {bogus: 1}\n",
+     "config/zlh/config.yaml:2: ssh.bogus: unknown key"),
+], ids=["list", "tier-name", "other-section"])
+def test_a_malformed_operator_config_registers_nothing(
+    operator: dict[str, str], tmp_path: Path, text: str, error: str
+) -> None:
+    # A list had been read as "no tiers, no limits": the server was registered past
+    # the quota, then failed at container-created (exit 8), and a re-run finished it.
+    (Path(operator["XDG_CONFIG_HOME"]) / "zlh/config.yaml").write_text(text)
+
+    done = subprocess.run([*ZLH, "provision", "dev-node", "dev1", "--owner", "ann"],
+                          env=operator, cwd=tmp_path, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=240, check=False)
+
+    assert (done.returncode, done.stdout, done.stderr) == (3, "", f"zlh: error: {error}\n")
+    assert json.loads(_run(operator, "servers", "list", "--json").stdout) == []
+    assert not (Path(operator["ZLH_HOME"]) / "containers/dev1").exists()
+
+
+@pytest.mark.parametrize("text", ["", "# nothing yet\n"], ids=["empty", "comments"])
+def test_an_empty_operator_config_is_no_config(operator: dict[str, str], text: str) -> None:
+    from zlh import opconfig
+
+    (Path(operator["XDG_CONFIG_HOME"]) / "zlh/config.yaml").write_text(text)
+
+    assert opconfig.load().ssh == opconfig.SshConfig()
+    assert tiers.load_config() == tiers.TierConfig()
+
+
 def test_dev_dotnet_is_refused_before_anything_is_registered(operator: dict[str, str]) -> None:
     # The catalog's dotnet 8.0 is unavailable: no container without its runtime.
     done = _run(operator, "provision", "dev-dotnet", "dn1")

@@ -118,9 +118,11 @@ def load(path: Path | None = None) -> OperatorConfig:
         doc = read_yaml(path)
     except NotFoundError:
         doc = Document(path=path, data={}, lines={})
-    if not isinstance(doc.data, dict | None):
+    if doc.data is None:  # empty, or only comments
+        doc = Document(path=path, data={}, lines=doc.lines)
+    if not isinstance(doc.data, dict):
         return validate(doc, OperatorConfig)  # says where the mapping should be
-    data = dict(doc.data or {})
+    data = dict(doc.data)
     overridden = _with_env(data, os.environ)
     if overridden == data:
         return validate(doc, OperatorConfig)

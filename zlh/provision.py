@@ -111,10 +111,11 @@ def provision(request: ProvisionRequest, on_step: StepCallback | None = None) ->
     if _provider_for(request) == "local":
         # Other providers' containers are checked at artifacts-installed, not this machine.
         playbooks.require_system_artifacts(playbook)
-    from zlh import runtimes
+    from zlh import opconfig, runtimes
 
     runtimes.playbook_items(playbook)  # every catalog entry the playbook names exists
     tiers.for_request(playbook, request.tier)
+    opconfig.load()  # the sections later steps read (ssh, proxmox)
 
     home = zlh_home()
     with _name_lock(home, request.name):

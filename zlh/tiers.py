@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from zlh.errors import ConflictError, UsageError
 from zlh.playbooks import IDENTIFIER, Playbook, Resources
-from zlh.yamlfile import display_path, read_yaml, validate
+from zlh.yamlfile import Problem, read_yaml, validate
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,10 @@ class TierConfig(BaseModel):
     tiers: dict[str, Resources] = Field(default_factory=dict)
     limits: Limits = Field(default_factory=Limits)
 
+    def problems(self) -> list[Problem]:
+        return [Problem(("tiers", name), "not a tier name (lowercase letters, digits, '_')")
+                for name in self.tiers if not re.fullmatch(IDENTIFIER, name)]
+
 
 @dataclass(frozen=True)
 class Tier:
@@ -75,14 +79,11 @@ def load_config() -> TierConfig:
     if not path.is_file():
         return TierConfig()
     doc = read_yaml(path)
-    if not isinstance(doc.data, dict):
+    if doc.data is None:
         return TierConfig()
-    config = validate(doc, TierConfig)
-    for name in config.tiers:
-        if not re.fullmatch(IDENTIFIER, name):
-            raise UsageError(f"{display_path(path)}: tiers.{name}: not a tier name "
-                             "(lowercase letters, digits, '_')")
-    return config
+    # A file that is not a mapping is refused here, before a server is registered
+    # without its limits.
+    return validate(doc, TierConfig)
 
 
 def resolve(playbook: Playbook, name: str | None, config: TierConfig) -> Tier:
