@@ -153,6 +153,22 @@ def test_a_killed_code_server_comes_back_after_a_backoff(ide: IdeAgent) -> None:
     assert login(ide.url, ide.password).status_code == 302
 
 
+def test_a_killed_server_process_brings_code_server_back(ide: IdeAgent) -> None:
+    # code-server's entry process exits 0 when its server process (its child) is killed;
+    # that had been taken as a clean exit: the IDE stayed stopped.
+    before = ide.wait_ready()
+    restarts = before["restarts"]
+    [server] = psutil.Process(before["pid"]).children()
+
+    server.kill()
+
+    after = poll(lambda: (p := ide.ide())["ready"] and p["pid"] != before["pid"] and p,
+                 READY_TIMEOUT, "code-server to come back")
+    assert after["restarts"] == restarts + 1
+    assert (after["last_crash"]["class"], after["last_crash"]["exit_code"]) == ("exit-code", 0)
+    assert login(ide.url, ide.password).status_code == 302
+
+
 def test_the_workbench_opens_in_headless_chromium(ide: IdeAgent, tmp_path: Path) -> None:
     cookie = login(ide.url, ide.password).cookies[SESSION_COOKIE]
     browser = Browser(tmp_path).start()
@@ -194,7 +210,7 @@ def _alive(process: psutil.Process) -> bool:
 
 def _zlh(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([*ZLH, *args], env=env, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=timeout)
+                          stdin=subprocess.DEVNULL, timeout=timeout, check=False)
 
 
 @pytest.fixture

@@ -166,7 +166,10 @@ def process_spec(layout: IdeLayout) -> ProcessSpec:
         user=layout.user, startup_timeout=60,
         # code-server ends its child (the extension host) on SIGTERM.
         stop=StopSpec(signal="SIGTERM", grace=10, term_grace=5),
-        restart=RestartSpec(policy="on-failure", backoff_initial=1, backoff_max=30),
+        # The entry process exits 0 when its server process dies (a kill, the OOM
+        # killer's choice: it is the larger one); only a stop of ours ends it cleanly.
+        restart=RestartSpec(policy="on-failure", backoff_initial=1, backoff_max=30,
+                            clean_exit_is_crash=True),
         readiness=HttpProbe(type="http", url=f"http://127.0.0.1:{layout.port}/healthz",
                             interval=0.25, timeout=2),
         liveness=HttpProbe(type="http", url=f"http://127.0.0.1:{layout.port}/healthz",
