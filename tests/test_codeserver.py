@@ -258,3 +258,33 @@ def test_a_dev_container_from_provision_to_login(operator_env: dict[str, str]) -
     assert login(access["url"].rstrip("/"), old).status_code == 200  # refused: the form
     assert login(access["url"].rstrip("/"), new).status_code == 302
     assert (container / "etc/zlh/ide.password").stat().st_mode & 0o777 == 0o600
+
+
+def test_power_actions_and_console_of_a_dev_container(operator_env: dict[str, str]) -> None:
+    # A dev container has no game process: zlh stop, start and console had refused it
+    # ("has no game process"), so its IDE could not be stopped or read through zlh.
+    done = _zlh(operator_env, "provision", "dev-node", "devnode", "--json")
+    assert done.returncode == 0, done.stderr
+    status = json.loads(_zlh(operator_env, "status", "devnode", "--json").stdout)
+    leaders = [psutil.Process(p["pid"]) for p in status["processes"]]
+    tree = [p for leader in leaders for p in (leader, *leader.children(recursive=True))]
+
+    stopped = _zlh(operator_env, "stop", "devnode", "--json")
+    console = _zlh(operator_env, "console", "devnode", "--lines", "50")
+    started = _zlh(operator_env, "start", "devnode", "--json")
+
+    assert stopped.returncode == 0, stopped.stderr
+    assert sorted((r["name"], r["state"]) for r in json.loads(stopped.stdout)) == [
+        ("ide", "stopped"), ("ssh", "stopped")]
+    assert [p.pid for p in tree if _alive(p)] == []
+    assert console.returncode == 0, console.stderr
+    assert "HTTP server listening on" in console.stdout
+    assert console.stdout.rstrip().endswith("[zlh] ide stopped (exit 0)")
+    assert started.returncode == 0, started.stderr
+    assert sorted(r["name"] for r in json.loads(started.stdout)) == ["ide", "ssh"]
+    poll(lambda: _ide_ready(operator_env), READY_TIMEOUT, "the IDE after zlh start")
+
+
+def _ide_ready(env: dict[str, str]) -> bool:
+    status = json.loads(_zlh(env, "status", "devnode", "--json").stdout)
+    return any(p["name"] == "ide" and p["ready"] for p in status["processes"])

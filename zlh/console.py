@@ -1,6 +1,7 @@
 """Core console operations: the last lines, a live follow, and sending a line.
 
-A server's console is its game process's console on the agent. Records are
+A server's console is its game process's console on the agent (a dev container's: its
+IDE's). Records are
 `ConsoleLine` (`seq`, `ts`, `text`) or `ConsoleGap` (`seq`, `lost`) from agentd.models.
 """
 
@@ -48,11 +49,14 @@ def safe_for_terminal(text: str) -> str:
 
 
 def game_process(client: AgentClient, name: str) -> str:
-    """The name of the server's game process (the first one, if several)."""
-    for process in client.status().processes:
-        if process.kind == "game":
-            return process.name
-    raise NotFoundError(f"server {name} has no game process (is it provisioned?)")
+    """The name of the server's game process (the first one, if several); a dev
+    container's IDE, which is what it has instead."""
+    processes = client.status().processes
+    for kind in ("game", "ide"):
+        for process in processes:
+            if process.kind == kind:
+                return process.name
+    raise NotFoundError(f"server {name} has no game or IDE process (is it provisioned?)")
 
 
 def connect(name: str) -> tuple[AgentClient, str]:

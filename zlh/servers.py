@@ -172,13 +172,15 @@ def list_servers() -> list[Server]:
 
 
 def server_action(name: str, action: str) -> list[ActionResult]:
-    """start/stop/restart/kill the server's game processes."""
+    """start/stop/restart/kill the server's game processes; a dev container, which has
+    none, is its IDE and its sshd."""
     record = records.get(name)
     with agent_client(record) as client:
-        games = [p.name for p in client.status().processes if p.kind == "game"]
-        if not games:
-            raise NotFoundError(f"server {name} has no game process (is it provisioned?)")
-        results = [client.action(process, action) for process in games]
+        processes = client.status().processes
+        chosen = [p.name for p in processes if p.kind == "game"] or [p.name for p in processes]
+        if not chosen:
+            raise NotFoundError(f"server {name} has no process (is it provisioned?)")
+        results = [client.action(process, action) for process in chosen]
     records.note(name, action, ", ".join(f"{r.name} {r.state}" for r in results))
     return results
 

@@ -52,7 +52,8 @@ def _action(action: str) -> Any:
         results = servers.server_action(name, action)
         render.emit(results, want_json(json_output), _action_lines(name, action))
 
-    command.__doc__ = f"{action.capitalize()} the server's game process."
+    command.__doc__ = (f"{action.capitalize()} the server's game process (a dev container's "
+                       "IDE and sshd).")
     return command
 
 
