@@ -7,18 +7,21 @@ replaced by the archive), and a place that cannot be written is one line naming 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import stat
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from tests.agentfix import AgentProcess
+from tests.agentfix import AgentProcess, poll
 from zlh.cli import run
 from zlh.inventory import Inventory, Server, write_secret
 
@@ -199,6 +202,46 @@ def test_a_failed_backup_of_one_server_is_one_line(agent, zlh, quiet) -> None:
 
     code, stdout, stderr = zlh("backup", "run", "box", *quiet)
 
-    assert (code, stdout) == (1, "")
+    assert (code, stdout) == (6, "")  # the agent did not answer
     assert stderr == (f"zlh: error: 1 of 1 backups failed: box: agent at "
                       f"http://127.0.0.1:{agent.port} does not answer (connection refused)\n")
+
+
+def test_a_backup_refused_while_a_restore_runs_exits_5(tmp_path, monkeypatch,
+                                                         capsys) -> None:
+    monkeypatch.setenv("ZLH_RESTORE_PAUSE", "staged")  # the restore holds once staged
+    box = AgentProcess(tmp_path / "box").start()
+    monkeypatch.delenv("ZLH_RESTORE_PAUSE")
+    restoring: threading.Thread | None = None
+    try:
+        world = box.root / "srv" / "world"
+        world.mkdir(parents=True)
+        (world / "level.dat").write_bytes(os.urandom(1024))
+        spec = {"playbook": "x", "processes": [], "backup": {"paths": ["world/"]}}
+        assert box.client.put("/v1/spec", json=spec).status_code == 200
+        backup_id = take_backup(box)
+
+        def restore() -> None:
+            with contextlib.suppress(httpx.HTTPError):  # the agent stops under it
+                box.client.post(f"/v1/backups/{backup_id}/restore", json={}, timeout=120)
+
+        restoring = threading.Thread(target=restore, daemon=True)
+        restoring.start()
+        poll(lambda: box.events("restore_paused"), 60, "the restore to hold")
+        monkeypatch.setenv("ZLH_HOME", str(tmp_path / "zlh"))
+        token = tmp_path / "zlh/box.token"
+        write_secret(token, box.token)
+        with Inventory(tmp_path / "zlh/inventory.db") as inventory:
+            inventory.add(Server(name="box", playbook="x", provider="local",
+                                 address="127.0.0.1", agent_port=box.port,
+                                 token_path=str(token), step="ready"))
+
+        code = run(["backup", "run", "box", "--quiet"])
+
+        err = capsys.readouterr().err
+        assert code == 5, err
+        assert "under way" in err and err.count("\n") == 1
+    finally:
+        box.stop()
+        if restoring is not None:
+            restoring.join(30)

@@ -78,6 +78,7 @@ class RunResult:
     pruned: list[str] = field(default_factory=list)
     error: str | None = None
     skipped: list[str] = field(default_factory=list)  # not archived: fifos, links out, ...
+    exit_code: int = 0  # of the error: 5 when another operation was under way, ...
 
 
 def run_backup(name: str, keep: KeepPolicy | None = None) -> RunResult:
@@ -88,7 +89,8 @@ def run_backup(name: str, keep: KeepPolicy | None = None) -> RunResult:
         with _client(name) as client:
             outcome: BackupOutcome = client.backup(keep)
     except ZlhError as exc:
-        result = RunResult(name, False, seconds=_since(began), error=exc.message)
+        result = RunResult(name, False, seconds=_since(began), error=exc.message,
+                           exit_code=int(exc.exit_code))
     else:
         record = outcome.backup
         result = RunResult(

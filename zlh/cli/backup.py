@@ -46,7 +46,7 @@ def run(
     """Back up a server's world (quiesced when it runs); prune after a good one if --keep-*."""
     from zlh import backups, render
     from zlh.cli import want_json
-    from zlh.errors import UsageError, ZlhError
+    from zlh.errors import ExitCode, UsageError, ZlhError
 
     if every == (name is not None):
         raise UsageError("give a server NAME or --all")
@@ -59,8 +59,11 @@ def run(
     if (not quiet or failed) and not alone_failed:
         render.emit(results if every else results[0], as_json, _run_lines)
     if failed:
-        raise ZlhError(f"{len(failed)} of {len(results)} backups failed: "
-                       + "; ".join(f"{r.server}: {r.error}" for r in failed))
+        error = ZlhError(f"{len(failed)} of {len(results)} backups failed: "
+                         + "; ".join(f"{r.server}: {r.error}" for r in failed))
+        if not every:  # one server: its error's own code (5 when one was under way, ...)
+            error.exit_code = ExitCode(failed[0].exit_code)
+        raise error
 
 
 @backup_app.command("list")
