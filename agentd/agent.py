@@ -26,6 +26,7 @@ from agentd import __version__, devuser
 from agentd.backups import BackupManager
 from agentd.config import AgentConfig
 from agentd.console import Console
+from agentd.diskwatch import watched_root
 from agentd.errors import NotFound, OperationFailed
 from agentd.files import ServerFiles
 from agentd.logs import fields
@@ -72,7 +73,9 @@ class Agent:
         self.spec = ServerSpec()
         self.provisioning = Provisioning()
         self.supervisors: dict[str, Supervisor] = {}
-        self.sampler = Sampler(config.server_root, config.sample_interval, self._pids)
+        self.sampler = Sampler(config.server_root, config.sample_interval, self._pids,
+                               watched_root(config.root, config.server_root,
+                                            config.in_container))
         self.sampler.disk_watch.interval = config.disk_check_interval
         self._apply_lock = asyncio.Lock()
         self.holders = config.state_dir / "holders"

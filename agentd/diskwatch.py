@@ -1,9 +1,12 @@
-"""Disk use of the server root against the tier's disk (the spec's `disk_limit_bytes`).
+"""Disk use of the container against the tier's disk (the spec's `disk_limit_bytes`).
 
-The file system's own figures say nothing about one server when several share it (the
-local provider, a shared volume), so the watch adds up the blocks of the files under the
-server root. Walking a large world takes time: it runs in a worker thread, every
-`interval` seconds, never in a status request.
+The tier's disk is the whole container's: the world under the server root, a dev
+container's workspace, runtimes, code-server, backups. The file system's own figures say
+nothing about one server when several share it (the local provider, a shared volume), so
+the watch adds up the blocks of the files under the container's root, on its file system
+only (inside a container, /proc, /sys and other mounts are not its disk). Walking a large
+world takes time: it runs in a worker thread, every `interval` seconds, never in a status
+request.
 
 From WARN_FRACTION of the limit on, the status carries a warning and the log gets one
 `disk_near_limit` record (one more each time use falls back below and rises again).
@@ -25,10 +28,21 @@ WARN_FRACTION = 0.9
 DEFAULT_INTERVAL = 30.0
 
 
+def watched_root(root: Path, server_root: Path, in_container: bool) -> Path:
+    """The container's root (its folder on the local provider, / inside a container);
+    the server root for an agent whose root is this machine's / outside a container."""
+    return Path(os.path.abspath(root if in_container or root != Path("/") else server_root))
+
+
 def tree_bytes(root: Path) -> int:
-    """Bytes allocated to the files under `root` (hard links counted once)."""
+    """Bytes allocated to the files under `root` on its file system (hard links counted
+    once)."""
     total = 0
     seen: set[tuple[int, int]] = set()
+    try:
+        device = root.stat().st_dev
+    except OSError:
+        return 0
     stack = [str(root)]
     while stack:
         try:
@@ -40,6 +54,8 @@ def tree_bytes(root: Path) -> int:
                 info = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
+            if info.st_dev != device:
+                continue  # a mount point: another file system
             if entry.is_dir(follow_symlinks=False):
                 stack.append(entry.path)
             key = (info.st_dev, info.st_ino)
@@ -85,7 +101,7 @@ class DiskWatch:
             log.warning("disk_near_limit", extra=fields(
                 path=str(self.root), used_bytes=self.used, limit_bytes=self.limit,
                 percent=round(100 * self.used / self.limit, 1)))
-        self.warning = _describe(self.used, self.limit) if near else None
+        self.warning = _describe(self.root, self.used, self.limit) if near else None
 
     def decorate(self, disk: Disk | None) -> Disk | None:
         """The file system's figures plus the server root's use, its limit and warning."""
@@ -96,8 +112,8 @@ class DiskWatch:
         })
 
 
-def _describe(used: int, limit: int) -> str:
+def _describe(root: Path, used: int, limit: int) -> str:
     percent = 100 * used / limit
     state = "over" if used > limit else "near"
-    return (f"disk {state} the limit: the server root holds {used / 2**20:.0f} MiB of "
+    return (f"disk {state} the limit: {root} holds {used / 2**20:.0f} MiB of "
             f"{limit / 2**20:.0f} MiB ({percent:.0f}%)")

@@ -255,7 +255,7 @@ class Disk(Out):
     total_bytes: int
     used_bytes: int
     free_bytes: int
-    tree_bytes: int | None = Field(None, description="what the server root holds")
+    tree_bytes: int | None = Field(None, description="what the container holds")
     limit_bytes: int | None = Field(None, description="the spec's disk_limit_bytes")
     warning: str | None = Field(None, description="set from 90% of the limit on")
 

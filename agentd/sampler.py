@@ -31,7 +31,7 @@ class Sample:
 
 class Sampler:
     def __init__(self, disk_path: Path, interval: float,
-                 pids: Callable[[], list[int]]) -> None:
+                 pids: Callable[[], list[int]], watch_root: Path | None = None) -> None:
         self.latest: Sample | None = None
         self._disk_path = disk_path
         self._interval = interval
@@ -39,7 +39,7 @@ class Sampler:
         self._me = psutil.Process(os.getpid())
         self._tracked: dict[int, list[psutil.Process]] = {}
         self._task: asyncio.Task[None] | None = None
-        self.disk_watch = DiskWatch(disk_path)
+        self.disk_watch = DiskWatch(watch_root or disk_path)
 
     def start(self) -> None:
         self.disk_watch.start()

@@ -355,9 +355,51 @@ def test_disk_use_near_the_limit_is_a_warning_in_status_and_log(agent: AgentProc
 
     assert calm["warning"] is None and calm["limit_bytes"] == 1_000_000
     assert warned["tree_bytes"] >= 900_000
-    assert warned["warning"].startswith("disk near the limit: the server root holds")
+    assert warned["warning"].startswith(f"disk near the limit: {srv} holds")
     [record] = agent.events("disk_near_limit")
     assert record["level"] == "warning" and record["limit_bytes"] == 1_000_000
+
+
+def test_a_dev_workspace_counts_against_the_tier_and_zlh_status_warns(
+    operator: dict[str, str], tmp_path: Path
+) -> None:
+    # The watch had added up the server root only: a dev container's workspace filled
+    # past its tier's disk and neither the agent nor zlh status said a word.
+    from zlh import records
+
+    box = AgentProcess(tmp_path / "box", sample_interval=0.1, disk_check_interval=0.1)
+    # root "..": the folder is laid out as a container, as on the local provider.
+    box.config_path.write_text(box.config_path.read_text() + "root: ..\n")
+    box.start()
+    try:
+        assert box.client is not None
+        box.client.put("/v1/spec", json={"processes": [], "disk_limit_bytes": 2_000_000})
+        workspace = box.root / "home/dev/workspace"
+        workspace.mkdir(parents=True)
+        (workspace / "data.bin").write_bytes(os.urandom(1_900_000))
+        warned = poll(lambda: (d := _disk(box)).get("warning") and d, 10, "a disk warning")
+        records.add(inventory.Server(
+            name="box", playbook="dev-node", provider="local", address="127.0.0.1",
+            agent_port=box.port, token_path=str(box.root / "etc/agent.token"),
+            step="ready", status="ready"))
+        shown = _run(operator, "status", "box")
+        as_json = json.loads(_run(operator, "status", "box", "--json").stdout)
+        checked = json.loads(_run(operator, "check", "box", "--json").stdout)
+    finally:
+        box.stop()
+
+    assert warned["tree_bytes"] >= 1_900_000
+    message = f"disk near the limit: {box.root} holds 2 MiB of 2 MiB (9"
+    assert warned["warning"].startswith(message)
+    assert shown.returncode == 0, shown.stderr
+    lines = [" ".join(line.split()) for line in shown.stdout.splitlines()]
+    assert any(line.startswith("disk used ") and line.endswith(" MiB of the tier's 1.9 MiB")
+               for line in lines), shown.stdout
+    assert any(line.startswith(f"warning {message}") for line in lines), shown.stdout
+    assert (as_json["disk_limit_bytes"], as_json["disk_warning"]) == (2_000_000,
+                                                                     warned["warning"])
+    [tier_check] = [c for c in checked["checks"] if c["name"] == "disk within tier"]
+    assert not tier_check["ok"] and tier_check["detail"].startswith(message)
 
 
 def test_without_a_limit_there_is_no_warning(agent: AgentProcess) -> None:

@@ -87,6 +87,10 @@ class ServerStatus:
     memory_total_bytes: int | None = None
     disk_free_bytes: int | None = None
     disk_total_bytes: int | None = None
+    # What the container holds against its tier's disk, and the agent's warning from 90%.
+    disk_used_bytes: int | None = None
+    disk_limit_bytes: int | None = None
+    disk_warning: str | None = None
     agent_rss_bytes: int | None = None
 
     @property
@@ -146,6 +150,9 @@ def _fill(view: ServerStatus, status: Status) -> None:
     if status.disk:
         view.disk_free_bytes = status.disk.free_bytes
         view.disk_total_bytes = status.disk.total_bytes
+        view.disk_used_bytes = status.disk.tree_bytes
+        view.disk_limit_bytes = status.disk.limit_bytes
+        view.disk_warning = status.disk.warning
 
 
 def server_status(name: str) -> ServerStatus:
@@ -392,6 +399,10 @@ def _headroom_checks(status: Status) -> list[Check]:
         free, total = status.disk.free_bytes, status.disk.total_bytes
         enough = free >= MIN_FREE_DISK and free >= MIN_FREE_DISK_FRACTION * total
         checks.append(Check("disk headroom", enough, f"{size(free)} free of {size(total)}"))
+        if status.disk.limit_bytes is not None and status.disk.tree_bytes is not None:
+            detail = status.disk.warning or (f"{size(status.disk.tree_bytes)} used of the "
+                                             f"tier's {size(status.disk.limit_bytes)}")
+            checks.append(Check("disk within tier", status.disk.warning is None, detail))
 
     if status.resources is None:
         checks.append(Check("memory headroom", False, "the agent reports no memory"))

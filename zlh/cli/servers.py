@@ -147,11 +147,16 @@ def _detail(server: Any) -> Any:
     for process in server.processes:
         rows += _process_rows(process)
     if server.memory_total_bytes is not None:
-        rows.append(("memory free", f"{render.size(server.memory_available_bytes)} of "
-                                    f"{render.size(server.memory_total_bytes)}"))
+        rows.append(("memory free", (f"{render.size(server.memory_available_bytes)} of "
+                                     f"{render.size(server.memory_total_bytes)}")))
     if server.disk_total_bytes is not None:
-        rows.append(("disk free", f"{render.size(server.disk_free_bytes)} of "
-                                  f"{render.size(server.disk_total_bytes)}"))
+        rows.append(("disk free", (f"{render.size(server.disk_free_bytes)} of "
+                                   f"{render.size(server.disk_total_bytes)}")))
+    if server.disk_limit_bytes is not None and server.disk_used_bytes is not None:
+        rows.append(("disk used", (f"{render.size(server.disk_used_bytes)} of the tier's "
+                                   f"{render.size(server.disk_limit_bytes)}")))
+    if server.disk_warning:
+        rows.append(("warning", server.disk_warning))
     return render.pairs(rows)
 
 
