@@ -541,3 +541,44 @@ def test_a_cron_expression_cron_would_reject_is_refused(zlh, home, agents, tmp_p
         assert (result.code, result.out) == (2, "")
         assert result.err == f"zlh: error: --cron {expr!r}: {message}\n"
         assert not cron_file.exists()
+
+
+# -- zlh ide: the hosted URL pattern -----------------------------------------------------
+
+
+@pytest.mark.parametrize(("pattern", "domain", "expected"), [
+    ("https://dev-{vmid}.{domain}/", "zlh.test", "https://dev-105.zlh.test/"),
+    ("https://{name}.ide.example/", None, "https://team1-py.ide.example/"),
+    ("https://dev-{vmid}.{domain}/", None,
+     ("ide_url 'https://dev-{vmid}.{domain}/' names {domain} and the operator config has "
+      "no domain")),
+    ("https://dev-{nope}/", None,
+     "ide_url 'https://dev-{nope}/': {nope} is not one of {vmid}, {name}, {domain}"),
+    ("https://dev-{vmid.__class__}/", None,
+     ("ide_url 'https://dev-{vmid.__class__}/': {vmid.__class__} is not one of {vmid}, "
+      "{name}, {domain}")),
+    ("https://dev-{0}/", None,
+     "ide_url 'https://dev-{0}/': {0} is not one of {vmid}, {name}, {domain}"),
+    ("https://dev-{vmid!r}/", None,
+     "ide_url 'https://dev-{vmid!r}/': {vmid!r} is not one of {vmid}, {name}, {domain}"),
+    ("https://dev-{vmid/", None,
+     "ide_url 'https://dev-{vmid/': expected '}' before end of string"),
+], ids=["vmid-domain", "name", "no-domain", "unknown", "attribute", "index", "conversion",
+        "unclosed"])
+def test_the_hosted_ide_url_fills_its_pattern_or_says_why_not(
+    pattern: str, domain: str | None, expected: str
+) -> None:
+    # No domain had given https://dev-105./, and {0} a repr of an IndexError.
+    from zlh import ide
+    from zlh.errors import ConfigError
+
+    record = Server(name="team1-py", playbook="dev-python", provider="proxmox",
+                    provider_id="pve1/105", ports={"ide": 8080})
+    config = ide.IdeConfig(ide_url=pattern, domain=domain)
+
+    if expected.startswith("https://"):
+        assert ide.hosted_url(record, config) == expected
+    else:
+        with pytest.raises(ConfigError) as info:
+            ide.hosted_url(record, config)
+        assert str(info.value) == expected

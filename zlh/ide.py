@@ -13,6 +13,7 @@ The password is never printed unless asked for (`--show-password`); the file hol
 from __future__ import annotations
 
 import logging
+import string
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -95,11 +96,21 @@ def hosted_url(record: Server, config: IdeConfig) -> str:
     # A Proxmox container's provider id is NODE/VMID.
     vmid = record.name if record.provider == "local" else \
         (record.provider_id or record.name).rsplit("/", 1)[-1]
+    values = {"vmid": vmid, "name": record.name, "domain": config.domain}
     try:
-        return config.ide_url.format(vmid=vmid, name=record.name, domain=config.domain or "")
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ConfigError(f"ide_url {config.ide_url!r}: {exc!r} is not one of "
-                          "{vmid}, {name}, {domain}") from None
+        fields = [field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+                  for _, field, spec, conversion in string.Formatter().parse(config.ide_url)
+                  if field is not None]
+    except ValueError as exc:
+        raise ConfigError(f"ide_url {config.ide_url!r}: {exc}") from None
+    for field in fields:
+        if field not in values:
+            raise ConfigError(f"ide_url {config.ide_url!r}: {{{field}}} is not one of "
+                              "{vmid}, {name}, {domain}")
+        if values[field] is None:
+            raise ConfigError(f"ide_url {config.ide_url!r} names {{domain}} and the operator "
+                              "config has no domain")
+    return config.ide_url.format(**values)
 
 
 def local_url(record: Server) -> str:
