@@ -8,8 +8,11 @@ logs `Server listening on 127.0.0.1 port N.`. It is stopped by its pid.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
+import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -28,7 +31,8 @@ def keygen(path: Path, comment: str = "zlh-test") -> Path:
 
 class Sshd:
     def __init__(self, folder: Path, client_key: Path, bastion: bool = False,
-                 port: int | None = None, extra: tuple[str, ...] = ()) -> None:
+                 port: int | None = None, extra: tuple[str, ...] = (),
+                 netns: bool = False) -> None:
         if not os.access(SSHD, os.X_OK):
             pytest.fail("/usr/sbin/sshd is missing: apt-get install -y openssh-server "
                         "(bash .ci/setup installs it)", pytrace=False)
@@ -53,13 +57,18 @@ class Sshd:
         self.config = folder / "sshd_config"
         self.config.write_text("\n".join(lines) + "\n")
         self.log = folder / "sshd.log"
+        self.netns = netns  # in a network namespace of its own: unreachable from here
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Sshd:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         with open(self.log, "wb") as out:
+            argv = [str(SSHD), "-D", "-e", "-f", str(self.config)]
+            if self.netns:
+                argv = ["unshare", "--net", "--", "sh", "-c",
+                        f"ip link set lo up && exec {shlex.join(argv)}"]
             self.process = subprocess.Popen(
-                [str(SSHD), "-D", "-e", "-f", str(self.config)],
+                argv,
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         wait_for_line(self.log, rf"Server listening on 127\.0\.0\.1 port {self.port}\.",
@@ -77,3 +86,43 @@ class Sshd:
         self.host_key.unlink()
         Path(f"{self.host_key}.pub").unlink()
         keygen(self.host_key, "host")
+
+
+class BastionInto:
+    """A bastion that listens here but forwards only inside `inside`'s network namespace:
+    each connection to 127.0.0.1:`bastion.port` is served by its own `sshd -i` (inetd mode,
+    with the bastion's config) started there. So a host behind it is reachable through
+    it and not directly, as a container behind a real bastion."""
+
+    def __init__(self, bastion: Sshd, inside: Sshd) -> None:
+        self.bastion = bastion
+        self.inside = inside
+        self.children: list[subprocess.Popen[bytes]] = []
+        self.listener: socket.socket | None = None
+
+    def start(self) -> BastionInto:
+        assert self.inside.process is not None
+        self.listener = socket.create_server(("127.0.0.1", self.bastion.port))
+        threading.Thread(target=self._serve, args=(self.listener,), daemon=True).start()
+        return self
+
+    def _serve(self, listener: socket.socket) -> None:
+        assert self.inside.process is not None
+        netns = f"--net=/proc/{self.inside.process.pid}/ns/net"
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed by stop()
+            with conn, open(self.bastion.log, "ab") as log:
+                self.children.append(subprocess.Popen(
+                    ["nsenter", netns, str(SSHD), "-i", "-e", "-f", str(self.bastion.config)],
+                    stdin=conn.fileno(), stdout=conn.fileno(), stderr=log))
+
+    def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+        for child in self.children:
+            if child.poll() is None:
+                os.kill(child.pid, signal.SIGTERM)
+                child.wait(timeout=10)

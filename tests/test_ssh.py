@@ -19,7 +19,7 @@ import paramiko
 import pexpect
 import pytest
 import yaml
-from sshfix import Sshd, keygen
+from sshfix import BastionInto, Sshd, keygen
 
 from zlh import devssh, opconfig
 from zlh import ssh as zssh
@@ -75,6 +75,105 @@ def net(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Net]:
         bastion.stop()
 
 
+def _write_config(tmp: Path, ssh: dict[str, object]) -> Path:
+    path = tmp / "xdg/zlh/config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"ssh": ssh}))
+    return path
+
+
+@pytest.fixture
+def behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Net]:
+    """A container's sshd that only the bastion reaches: it runs in a network namespace
+    of its own, where the bastion's sshd forwards to it."""
+    key = keygen(tmp_path / "id_ed25519", "operator")
+    target = Sshd(tmp_path / "target", key, netns=True).start()
+    bastion_sshd = Sshd(tmp_path / "bastion", key, bastion=True, extra=("LogLevel DEBUG1",))
+    bastion = BastionInto(bastion_sshd, target)
+    try:
+        bastion.start()
+        _write_config(tmp_path, {
+            "bastion": f"root@127.0.0.1:{bastion_sshd.port}", "identity": str(key),
+            "known_hosts": str(tmp_path / "known_hosts"), "user": "root",
+            "port": target.port})
+        env = {**os.environ, "ZLH_HOME": str(tmp_path / "home"),
+               "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+        monkeypatch.setenv("ZLH_HOME", env["ZLH_HOME"])
+        monkeypatch.setenv("XDG_CONFIG_HOME", env["XDG_CONFIG_HOME"])
+        with Inventory() as inventory:
+            inventory.add(Server(name="ct1", playbook="minetest", provider="proxmox",
+                                 address="127.0.0.1", step="ready", status="ready"))
+        yield Net(tmp_path, key, bastion_sshd, target, env)
+    finally:
+        bastion.stop()
+        target.stop()
+
+
+def advice_in(stderr: str) -> list[str]:
+    """The `zlh ...` command an error message tells the operator to run, as arguments."""
+    return stderr.rstrip("\n").rsplit("run `", 1)[1].removesuffix("`").split()[1:]
+
+
+def test_trust_reaches_a_host_behind_the_bastion_through_it(behind: Net) -> None:
+    net = behind
+    bastion, target = f"127.0.0.1:{net.bastion.port}", f"127.0.0.1:{net.target.port}"
+    # The bastion itself is trusted directly; the host behind it is trusted through it,
+    # with the command the refusal printed, as printed.
+    assert net.zlh("ssh", "trust", bastion).returncode == 0
+    refused = net.zlh("ssh", "ct1", "--", "true")
+    assert refused.stderr == (
+        f"zlh: error: the host [127.0.0.1]:{net.target.port} has an unknown host key; "
+        f"check it and run `zlh ssh trust {target}`\n")
+    done = net.zlh(*advice_in(refused.stderr))
+    assert (done.returncode, done.stdout) == (0, (
+        f"[127.0.0.1]:{net.target.port} ssh-ed25519 {fingerprint_of(net.target)}\n"
+        f"trusted; recorded in {net.tmp / 'known_hosts'}\n")), done.stderr
+    assert f"target 127.0.0.1 port {net.target.port}" in net.bastion.log.read_text()
+
+    ran = net.zlh("ssh", "ct1", "--", "sh", "-c", "'echo inside; exit 3'")
+    assert (ran.returncode, ran.stdout, ran.stderr) == (3, "inside\n", "")
+    # --direct bypasses the bastion: from here nothing listens there.
+    direct = net.zlh("ssh", "trust", target, "--direct", "--replace")
+    assert (direct.returncode, direct.stderr) == (1, (
+        f"zlh: error: cannot reach the host {target}: Connection refused\n"))
+
+
+def test_a_local_container_is_trusted_directly_as_its_advice_says(net: Net) -> None:
+    # A local container is reached without the bastion, so the advice says --direct.
+    with Inventory() as inventory:
+        inventory.add(Server(name="local1", playbook="minetest", provider="local",
+                             address="127.0.0.1", ports={"ssh": net.target.port},
+                             step="ready", status="ready"))
+    refused = net.zlh("ssh", "local1", "--", "true")
+    assert refused.returncode == 1
+    assert advice_in(refused.stderr) == ["ssh", "trust", f"127.0.0.1:{net.target.port}",
+                                         "--direct"]
+    assert net.zlh(*advice_in(refused.stderr)).returncode == 0
+    done = net.zlh("ssh", "local1", "--", "true")
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_missing_identity_file_is_named_with_its_config_line(net: Net) -> None:
+    net.trust_both()
+    config = net.tmp / "xdg/zlh/config.yaml"
+    missing = net.tmp / "no-such-key"
+    config.write_text(config.read_text().replace(str(net.key), str(missing)))
+    line = config.read_text().splitlines().index(f"  identity: {missing}") + 1
+    done = net.zlh("ssh", "mt1", "--", "true")
+    assert (done.returncode, done.stderr) == (1, (
+        f"zlh: error: {config}:{line}: ssh.identity: {missing}: no such file "
+        "(the private key zlh logs in with)\n"))
+
+
+@pytest.mark.parametrize("bastion", ["127.0.0.1:22:x", "root@127.0.0.1:ssh", "[::1:22"])
+def test_a_malformed_bastion_is_refused_at_config_load(net: Net, bastion: str) -> None:
+    config = _write_config(net.tmp, {"user": "root", "bastion": bastion})
+    done = net.zlh("ssh", "mt1", "--", "true")
+    assert (done.returncode, done.stderr) == (3, (
+        f"zlh: error: {config}:2: ssh.bastion: {bastion!r} is not [user@]host[:port], "
+        "an IPv6 address as [addr]:port\n"))
+
+
 def fingerprint_of(sshd: Sshd) -> str:
     out = subprocess.run(["ssh-keygen", "-lf", f"{sshd.host_key}.pub"], capture_output=True,
                          text=True, check=True).stdout
@@ -97,9 +196,11 @@ def test_an_unknown_host_is_refused_until_trusted(net: Net) -> None:
 
 
 def test_trust_checks_an_expected_fingerprint(net: Net) -> None:
+    assert net.zlh("ssh", "trust", f"127.0.0.1:{net.bastion.port}").returncode == 0
     wrong = net.zlh("ssh", "trust", f"127.0.0.1:{net.target.port}", "--expect", "SHA256:x")
     assert wrong.returncode == 1 and "nothing recorded" in wrong.stderr
-    assert not (net.tmp / "known_hosts").exists()
+    recorded = paramiko.HostKeys(str(net.tmp / "known_hosts"))
+    assert recorded.lookup(f"[127.0.0.1]:{net.target.port}") is None
 
 
 def test_a_command_through_the_bastion_passes_its_exit_code(net: Net) -> None:

@@ -34,7 +34,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from zlh.errors import ConfigError, NotFoundError
+from zlh.errors import ConfigError, NotFoundError, UsageError
+from zlh.hop import parse_hop
 from zlh.paths import config_path, zlh_home
 from zlh.yamlfile import Document, display_path, read_yaml, validate
 
@@ -96,6 +97,17 @@ class SshConfig(Model):
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser()
+
+    @field_validator("bastion")
+    @classmethod
+    def _bastion_form(cls, value: str | None) -> str | None:
+        """Malformed is refused here, where the file and line are known, not looked up."""
+        if value:
+            try:
+                parse_hop(value)
+            except UsageError as exc:
+                raise ValueError(exc.message) from None
+        return value
 
     def known_hosts_file(self) -> Path:
         return self.known_hosts or zlh_home() / "known_hosts"

@@ -146,6 +146,14 @@ def rebind(name: str) -> None:
         run._wait_ready()
 
 
+def _ssh_failed(exc: ZlhError) -> bool:
+    """SSH itself failed: the agent in the container is reached over SSH too, so asking it
+    would only fail again, with the same reason."""
+    from zlh.ssh import SshError
+
+    return isinstance(exc, SshError)
+
+
 @contextmanager
 def _name_lock(home: Path, name: str) -> Iterator[None]:
     folder = home / "locks"
@@ -203,6 +211,7 @@ class _Run:
 
     def execute(self) -> ProvisionResult:
         resumed = self._load_existing()
+        self.provider.preflight()  # before anything is registered or created
         done = 0
         if self.record is not None:
             step = self.record.step
@@ -267,7 +276,7 @@ class _Run:
             exc.message = f"provisioning {name}: step {step} failed: {exc.message}"
             raise
         except ZlhError as exc:
-            self._record_failure(step, exc.message)
+            self._record_failure(step, exc.message, tell_agent=not _ssh_failed(exc))
             raise ProvisionError(f"provisioning {name}: step {step} failed: {exc}") from exc
         except OSError as exc:
             self._record_failure(step, str(exc))
@@ -284,11 +293,12 @@ class _Run:
             f"or `zlh delete {name}` to remove it"
         )
 
-    def _record_failure(self, step: str, message: str) -> None:
+    def _record_failure(self, step: str, message: str, tell_agent: bool = True) -> None:
         if step == "registered" or records.find(self.request.name) is None:
             return  # not registered by this run: nothing of ours to record
         records.update(self.request.name, "failed", f"{step}: {message}", status="failed")
-        self._tell_agent_failed(step, message)
+        if tell_agent:
+            self._tell_agent_failed(step, message)
 
     def _tell_agent_failed(self, step: str, error: str) -> None:
         """Best effort: mirror the failure into the agent's provisioning state, if it runs."""

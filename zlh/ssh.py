@@ -8,8 +8,11 @@ Proxmox container's key is recorded when it matches a fingerprint its create tas
 running at once change the file one at a time (`edit_known_hosts`), and a reader sees it
 whole, never half written.
 
-Through a bastion, zlh opens a `direct-tcpip` channel on the bastion's connection and
-hands it to a second client as its socket, which is what `ssh -J` does.
+Every connection, `trust`'s included, goes the one way `through_bastion` says: through
+the configured bastion, except to the bastion itself and to a host reached `direct` (a
+local container; `zlh ssh trust --direct`). Through a bastion, zlh opens a `direct-tcpip`
+channel on the bastion's connection and hands it to a second client as its socket, which
+is what `ssh -J` does.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from typing import IO, Any, Self
 
 import paramiko  # type: ignore[import-untyped]  # no stubs installed
 
-from zlh.errors import ConflictError, NotFoundError, UsageError, ZlhError
+from zlh.errors import ConflictError, NotFoundError, ZlhError
+from zlh.hop import Hop, parse_hop
 from zlh.opconfig import SshConfig
 
 log = logging.getLogger(__name__)
@@ -50,36 +54,6 @@ class SshError(ZlhError):
 
 class SshUnreachable(SshError):
     """Nothing answered at the address (yet): a container's sshd may still be starting."""
-
-
-@dataclass(frozen=True)
-class Hop:
-    user: str
-    host: str
-    port: int
-
-    @property
-    def known_hosts_name(self) -> str:
-        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
-
-    def __str__(self) -> str:
-        return f"{self.user}@{self.host}:{self.port}"
-
-
-def parse_hop(text: str, user: str = "root", port: int = 22) -> Hop:
-    """`[user@]host[:port]` (IPv6 as `[addr]:port`)."""
-    if "@" in text:
-        user, text = text.rsplit("@", 1)
-    host = text
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = int(rest[1:]) if rest.startswith(":") else port
-    elif text.count(":") == 1:
-        host, number = text.split(":")
-        port = int(number)
-    if not host:
-        raise UsageError(f"no host in {text!r}; write [user@]host[:port]")
-    return Hop(user, host, port)
 
 
 def fingerprint(key: paramiko.PKey) -> str:
@@ -119,9 +93,54 @@ def _client(config: SshConfig) -> paramiko.SSHClient:
     return client
 
 
-def _login(client: paramiko.SSHClient, hop: Hop, config: SshConfig, what: str,
-           sock: Any = None) -> None:
+def is_bastion(hop: Hop, config: SshConfig) -> bool:
+    if not config.bastion:
+        return False
+    bastion = parse_hop(config.bastion, user=config.user)
+    return (bastion.host, bastion.port) == (hop.host, hop.port)
+
+
+def through_bastion(hop: Hop, config: SshConfig, direct: bool = False) -> bool:
+    """The rule for every connection zlh opens: through the bastion when one is
+    configured, except to the bastion itself and when `direct` (a container on this
+    machine, or `zlh ssh trust --direct`)."""
+    return bool(config.bastion) and not direct and not is_bastion(hop, config)
+
+
+def trust_command(hop: Hop, config: SshConfig, direct: bool = False) -> str:
+    """The `zlh ssh trust` that reaches `hop` the way this connection did."""
+    bypass = config.bastion and direct and not is_bastion(hop, config)
+    return f"zlh ssh trust {hop.address}" + (" --direct" if bypass else "")
+
+
+def _what(hop: Hop, config: SshConfig) -> str:
+    return "bastion" if is_bastion(hop, config) else "host"
+
+
+def _open(hop: Hop, config: SshConfig, direct: bool) -> tuple[Any, Connection | None]:
+    """A byte stream to `hop`'s sshd: a TCP connection, or a channel from the bastion
+    (whose connection comes along, for the caller to close)."""
+    if not through_bastion(hop, config, direct):
+        try:
+            return socket.create_connection((hop.host, hop.port),
+                                            timeout=config.connect_timeout), None
+        except OSError as exc:
+            raise SshUnreachable(f"cannot reach the {_what(hop, config)} {hop.address}: "
+                                 f"{exc.strerror or exc}") from None
+    bastion = _bastion(config)
+    try:
+        return _channel(bastion.client, hop, config), bastion
+    except BaseException:
+        bastion.close()
+        raise
+
+
+def _login(client: paramiko.SSHClient, hop: Hop, config: SshConfig, sock: Any,
+           direct: bool) -> None:
+    what = _what(hop, config)
+    _check_identity(config)
     identity = str(config.identity) if config.identity else None
+    trust = trust_command(hop, config, direct)
     try:
         client.connect(
             hop.host, hop.port, username=hop.user, key_filename=identity, sock=sock,
@@ -134,42 +153,54 @@ def _login(client: paramiko.SSHClient, hop: Hop, config: SshConfig, what: str,
             f"HOST KEY CHANGED for the {what} {hop.known_hosts_name}: "
             f"{config.known_hosts_file()} has {fingerprint(exc.expected_key)}, the server "
             f"offers {fingerprint(exc.key)}; refusing to connect. If the change is "
-            f"expected, run `zlh ssh trust {hop.host}:{hop.port} --replace`"
+            f"expected, run `{trust} --replace`"
         ) from None
     except paramiko.SSHException as exc:
         if "not found in known_hosts" in str(exc):
             raise SshError(
                 f"the {what} {hop.known_hosts_name} has an unknown host key; check it and "
-                f"run `zlh ssh trust {hop.host}:{hop.port}`"
+                f"run `{trust}`"
             ) from None
         raise SshError(f"ssh to the {what} {hop}: {exc}") from None
     except OSError as exc:
         raise SshError(f"ssh to the {what} {hop}: {exc.strerror or exc}") from None
 
 
-def connect(target: Hop, config: SshConfig) -> Connection:
-    """A connection to `target`, through `config.bastion` when set."""
-    if not config.bastion:
-        client = _client(config)
-        _login(client, target, config, "host")
-        return Connection(client, None)
-
-    bastion = _bastion(config)
+def connect(target: Hop, config: SshConfig, direct: bool = False) -> Connection:
+    """A connection to `target`, through `config.bastion` when set (see
+    `through_bastion`)."""
+    sock, bastion = _open(target, config, direct)
     try:
-        channel = _channel(bastion.client, target, config)
         client = _client(config)
-        _login(client, target, config, "host", sock=channel)
+        _login(client, target, config, sock, direct)
     except BaseException:
-        bastion.close()
+        sock.close()
+        if bastion is not None:
+            bastion.close()
         raise
-    return Connection(client, bastion.client)
+    return Connection(client, bastion.client if bastion is not None else None)
 
 
 def _bastion(config: SshConfig) -> Connection:
     assert config.bastion
-    client = _client(config)
-    _login(client, parse_hop(config.bastion, user=config.user), config, "bastion")
-    return Connection(client, None)
+    return connect(parse_hop(config.bastion, user=config.user), config)
+
+
+def check(config: SshConfig) -> None:
+    """What every connection needs, checked before anything is made that would need it:
+    the identity file, and the bastion (it answers, its host key is the recorded one and
+    it lets zlh log in). SshError otherwise."""
+    _check_identity(config)
+    if config.bastion:
+        _bastion(config).close()
+
+
+def _check_identity(config: SshConfig) -> None:
+    if config.identity and not config.identity.exists():
+        from zlh.opconfig import origin
+
+        raise SshError(f"{origin('ssh', 'identity')}: {config.identity}: no such file "
+                       "(the private key zlh logs in with)")
 
 
 def _channel(bastion: paramiko.SSHClient, target: Hop, config: SshConfig) -> paramiko.Channel:
@@ -180,37 +211,26 @@ def _channel(bastion: paramiko.SSHClient, target: Hop, config: SshConfig) -> par
         return transport.open_channel("direct-tcpip", (target.host, target.port),
                                       ("127.0.0.1", 0), timeout=config.connect_timeout)
     except paramiko.ChannelException as exc:
-        raise SshUnreachable(f"the bastion {config.bastion} cannot reach {target.host}:"
-                             f"{target.port}: {exc.text}") from None
+        raise SshUnreachable(f"the bastion {config.bastion} cannot reach {target.address}: "
+                             f"{exc.text}") from None
 
 
 # -- trusting a host ---------------------------------------------------------------------
 
 
-def host_key(hop: Hop, config: SshConfig, via_bastion: bool = False) -> paramiko.PKey:
-    """The key a server offers, fetched without logging in (through the bastion, when
-    `via_bastion` and one is configured)."""
-    if not (via_bastion and config.bastion):
-        try:
-            sock = socket.create_connection((hop.host, hop.port),
-                                            timeout=config.connect_timeout)
-        except OSError as exc:
-            raise SshUnreachable(f"cannot reach {hop.host}:{hop.port}: "
-                                 f"{exc.strerror or exc}") from None
-        return _offered_key(hop, config, sock)
-    with _bastion(config) as bastion:
-        return _offered_key(hop, config, _channel(bastion.client, hop, config))
-
-
-def _offered_key(hop: Hop, config: SshConfig, sock: Any) -> paramiko.PKey:
+def host_key(hop: Hop, config: SshConfig, direct: bool = False) -> paramiko.PKey:
+    """The key a server offers, fetched without logging in (see `through_bastion`)."""
+    sock, bastion = _open(hop, config, direct)
     transport = paramiko.Transport(sock)
     try:
         transport.start_client(timeout=config.connect_timeout)
         return transport.get_remote_server_key()
     except (paramiko.SSHException, EOFError) as exc:
-        raise SshError(f"{hop.host}:{hop.port} did not speak SSH: {exc}") from None
+        raise SshError(f"{hop.address} did not speak SSH: {exc}") from None
     finally:
         transport.close()
+        if bastion is not None:
+            bastion.close()
 
 
 @dataclass(frozen=True)
@@ -223,9 +243,10 @@ class Trusted:
 
 
 def trust(hop: Hop, config: SshConfig, expect: str | None = None,
-          replace: bool = False) -> Trusted:
-    """Record the host key `hop` offers in zlh's known_hosts file."""
-    key = host_key(hop, config)
+          replace: bool = False, direct: bool = False) -> Trusted:
+    """Record the host key `hop` offers in zlh's known_hosts file, fetched as every
+    connection to it goes (`through_bastion`)."""
+    key = host_key(hop, config, direct)
     seen = fingerprint(key)
     if expect and expect != seen:
         raise SshError(f"{hop.known_hosts_name} offers {seen}, not the expected {expect}; "
@@ -237,7 +258,7 @@ def trust_verified(hop: Hop, config: SshConfig, fingerprints: Collection[str]) -
     """Record the key a new container offers (through the bastion) when it is one of
     `fingerprints`, learnt from a trusted source (Proxmox's task log, over TLS); it
     replaces what an earlier container at the same address left in known_hosts."""
-    key = host_key(hop, config, via_bastion=True)
+    key = host_key(hop, config)
     seen = fingerprint(key)
     if seen not in fingerprints:
         raise SshError(f"{hop.known_hosts_name} offers {seen}, which is none of the keys "
@@ -385,8 +406,8 @@ def _pump(channel: paramiko.Channel, stdin: int, stdout: int) -> None:
 
 
 @contextmanager
-def session(target: Hop, config: SshConfig) -> Iterator[Connection]:
-    conn = connect(target, config)
+def session(target: Hop, config: SshConfig, direct: bool = False) -> Iterator[Connection]:
+    conn = connect(target, config, direct)
     try:
         yield conn
     finally:
@@ -454,8 +475,3 @@ def is_direct(name: str) -> bool:
     from zlh import records
 
     return bool(records.get(name).provider == "local")
-
-
-def route(name: str, config: SshConfig) -> SshConfig:
-    """The config to reach `name` with: without the bastion for a local container."""
-    return config.model_copy(update={"bastion": None}) if is_direct(name) else config

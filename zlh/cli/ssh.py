@@ -1,7 +1,8 @@
 """`zlh ssh NAME [-- COMMAND]`, `zlh ssh trust HOST[:PORT]` and `zlh ssh-config`.
 
 `trust` is taken as the subcommand word: a server called `trust` is reached with
-`zlh ssh --server trust`.
+`zlh ssh --server trust`. `trust` fetches the key the way `zlh ssh` connects: through the
+bastion when one is configured, unless HOST is the bastion itself or `--direct` is given.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ def ssh(
     server: str = typer.Option(None, "--server", help="Server name (when it is `trust`)."),
     expect: str = typer.Option(None, "--expect", help="trust: the SHA256 fingerprint wanted."),
     replace: bool = typer.Option(False, "--replace", help="trust: swap a recorded key."),
+    direct: bool = typer.Option(False, "--direct",
+                                help="trust: connect to HOST directly, not via the bastion."),
 ) -> None:
     """Open a shell on a server (or run COMMAND; its exit code is ours), via the bastion."""
     from zlh import opconfig
@@ -31,14 +34,14 @@ def ssh(
         if not command or len(command) != 1:
             raise typer.BadParameter("zlh ssh trust HOST[:PORT]")
         result = core.trust(core.parse_hop(command[0], user=config.user), config,
-                            expect, replace)
+                            expect, replace, direct)
         _show_trusted(result)
         return
     name = server or target
     if not name:
         raise typer.BadParameter("name a server")
     hop = core.server_hop(name, config, user)
-    with core.session(hop, core.route(name, config)) as conn:
+    with core.session(hop, config, core.is_direct(name)) as conn:
         if command:
             status = core.run(conn, " ".join(command), sys.stdout.buffer, sys.stderr.buffer)
         else:

@@ -72,6 +72,11 @@ class ServerFiles(Protocol):
 class Provider(Protocol):
     name: str
 
+    def preflight(self) -> None:
+        """Check what creating a container needs from outside zlh (the proxmox provider:
+        the operator's key and the bastion), before anything is registered or made."""
+        ...
+
     def create(self, name: str, agent_port: int) -> str:
         """Create (or complete) the container; returns its provider id."""
         ...

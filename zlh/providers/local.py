@@ -56,6 +56,9 @@ class LocalProvider:
     def __init__(self, root: Path) -> None:
         self.root = root
 
+    def preflight(self) -> None:
+        """Nothing outside this machine to check."""
+
     def folder(self, name: str) -> Path:
         return self.root / name
 

@@ -405,6 +405,10 @@ class ProxmoxProvider:
             raise ProvisionError(f"container {name} is not running (no address)")
         return RemoteContainer(self._hop(address), self.ssh, self.config.agent_python)
 
+    def preflight(self) -> None:
+        if self.over_ssh:
+            zssh.check(self.ssh)
+
     def create(self, name: str, agent_port: int) -> str:
         container = self.create_container(name)
         self.start(name)
