@@ -620,3 +620,48 @@ def test_the_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     bad = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
                          text=True, check=False)
     assert "Failed to parse kill mode specification" in bad.stderr
+
+
+def test_a_bastion_whose_key_changed_is_refused_before_anything_is_created(
+    ssh_cluster: SshCluster,
+) -> None:
+    cluster = ssh_cluster
+    cluster.bastion.stop()
+    cluster.bastion.new_host_key()
+    cluster.bastion.start()
+    done = cluster.provision("mt7")
+    assert done.returncode == 1
+    assert done.stderr.startswith(
+        f"zlh: error: HOST KEY CHANGED for the bastion [127.0.0.1]:{cluster.bastion.port}: ")
+    assert done.stderr.endswith(
+        f"run `zlh ssh trust 127.0.0.1:{cluster.bastion.port} --replace`\n")
+    assert cluster.pve.containers == {}
+    assert cluster.pve.params_of("POST", "/lxc") == []
+    with Inventory() as inventory:
+        assert inventory.find("mt7") is None
+
+
+def test_a_provision_that_fails_in_ssh_says_why_once(ssh_cluster: SshCluster) -> None:
+    cluster = ssh_cluster
+    # The bastion lets zlh log in but forwards nowhere: the container's trust step fails.
+    config = cluster.bastion.config
+    plain = config.read_text()
+    cluster.bastion.stop()
+    config.write_text(plain + "PermitOpen none\n")
+    cluster.bastion.start()
+    settings = cluster.tmp / "xdg/zlh/config.yaml"
+    data = yaml.safe_load(settings.read_text())
+    data["proxmox"]["address_timeout"] = 2
+    settings.write_text(yaml.safe_dump(data))
+    try:
+        done = cluster.provision("mt8")
+    finally:
+        cluster.bastion.stop()
+        config.write_text(plain)
+        cluster.bastion.start()
+    assert done.returncode == 8
+    reason = f"the bastion root@127.0.0.1:{cluster.bastion.port} cannot reach "
+    assert done.stderr.count(reason) == 1, done.stderr
+    assert done.stderr.splitlines() == [
+        (f"zlh: error: provisioning mt8: step container-created failed: {reason}"
+         f"{address_of(100)}:{cluster.cts.port}: Administratively prohibited")]
