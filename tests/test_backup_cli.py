@@ -245,3 +245,20 @@ def test_a_backup_refused_while_a_restore_runs_exits_5(tmp_path, monkeypatch,
         box.stop()
         if restoring is not None:
             restoring.join(30)
+
+
+def test_a_tampered_archive_is_refused_with_exit_10_and_the_world_is_untouched(agent,
+                                                                              zlh) -> None:
+    backup_id = take_backup(agent)
+    level = agent.root / "srv/world/level.dat"
+    before = level.read_bytes()
+    archive = agent.root / "state/backups" / f"{backup_id}.tar.zst"
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    archive.write_bytes(bytes(data))
+
+    code, _, err = zlh("backup", "restore", "box", backup_id)
+
+    assert code == 10, err
+    assert err.startswith("zlh: error: agent: ") and err.count("\n") == 1
+    assert level.read_bytes() == before

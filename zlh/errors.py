@@ -10,7 +10,8 @@ single line `zlh: error: ...` on stderr and exits with its code.
     +-- ConflictError             exit 5   name clash, port taken, operation already running
     +-- AgentUnreachableError     exit 6   the agent does not answer (timeout, refused)
     +-- AgentRequestError         exit 7   the agent answered with an error (4 for its 404,
-                                           5 for its 409: unknown, or not in that state)
+                                           5 for its 409: unknown, or not in that state;
+                                           10 for a hash or size check that failed there)
     +-- ProvisionError            exit 8   a provisioning step failed (it is recorded)
     +-- CheckFailedError          exit 9   `zlh check` found a failing check
     +-- IntegrityError            exit 10  a hash or size does not match
@@ -74,13 +75,17 @@ class AgentRequestError(ZlhError):
         super().__init__(message)
         self.status = status
         self.code = code
-        if status in _AGENT_STATUS_EXITS:
+        if code in _AGENT_CODE_EXITS:
+            self.exit_code = _AGENT_CODE_EXITS[code]
+        elif status in _AGENT_STATUS_EXITS:
             self.exit_code = _AGENT_STATUS_EXITS[status]
 
 
 # What the agent's own answer already says, kept in the exit code: a cron job or a script can
 # tell "no such thing" and "not now" from a failed request.
 _AGENT_STATUS_EXITS = {404: ExitCode.NOT_FOUND, 409: ExitCode.CONFLICT}
+# A download or an archive that fails its hash or size check, on either side, is exit 10.
+_AGENT_CODE_EXITS = {"integrity": ExitCode.INTEGRITY, "corrupt": ExitCode.INTEGRITY}
 
 
 class ProvisionError(ZlhError):
