@@ -43,6 +43,7 @@ def tree_bytes(root: Path) -> int:
         device = root.stat().st_dev
     except OSError:
         return 0
+    mounts = _mount_points_under(root)
     stack = [str(root)]
     while stack:
         try:
@@ -54,8 +55,8 @@ def tree_bytes(root: Path) -> int:
                 info = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            if info.st_dev != device:
-                continue  # a mount point: another file system
+            if info.st_dev != device or entry.path in mounts:
+                continue  # a mount point: another file system, or a bind mount of one
             if entry.is_dir(follow_symlinks=False):
                 stack.append(entry.path)
             key = (info.st_dev, info.st_ino)
@@ -64,6 +65,28 @@ def tree_bytes(root: Path) -> int:
             seen.add(key)
             total += info.st_blocks * 512
     return total
+
+
+def _mount_points_under(root: Path) -> set[str]:
+    """Paths of the mounts below `root`, as this process sees them. A bind mount of the
+    same file system (a container's read-only /usr) has the same device number as its
+    parent, so the device alone does not tell it."""
+    prefix = str(root).rstrip("/") + "/"
+    try:
+        table = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return set()
+    found = set()
+    for line in table.splitlines():
+        fields_ = line.split()
+        if len(fields_) > 4:
+            # Field 5 is the mount point, with space, tab, newline and backslash escaped
+            # in octal.
+            point = fields_[4].encode().decode("unicode_escape").encode("latin-1").decode(
+                "utf-8", "surrogateescape")
+            if point.startswith(prefix) and point != str(root):
+                found.add(point)
+    return found
 
 
 class DiskWatch:
