@@ -26,7 +26,9 @@ from tests.agentfix import AgentProcess, poll
 from tests.codeserverfix import SESSION_COOKIE, Browser, code_server_cache, login
 from tests.components import cache_root, free_port
 from zlh import codeserver
+from zlh.artifacts import ArtifactServer, ensure
 from zlh.providers.local import LocalServerFiles
+from zlh.runtimes import install_body
 
 pytestmark = pytest.mark.slow
 
@@ -55,11 +57,24 @@ class IdeAgent:
         codeserver.ensure_secret(files)
         codeserver.prepare_folders(files)
         self.agent.start()
+        self.install_node()
         layout = codeserver.IdeLayout(self.container, self.port, None)
         answer = self.agent.put_spec(codeserver.process_spec(layout).model_dump())
         assert answer.status_code == 200, answer.text
         self.wait_ready()
         return self
+
+    def install_node(self) -> None:
+        """The Node.js code-server runs on, as provisioning installs it: from the
+        catalog, through the agent, not made current."""
+        item = codeserver.node_item()
+        artifacts = cache_root() / "artifacts"
+        ensure(item, artifacts)
+        assert self.agent.client is not None
+        with ArtifactServer(artifacts) as server:
+            body = install_body(item, server.url, activate=False).model_dump(mode="json")
+            answer = self.agent.client.post("/v1/runtimes", json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
 
     @property
     def password(self) -> str:

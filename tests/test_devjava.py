@@ -17,7 +17,7 @@ from agentd.spawn import SYSTEM_PATH
 from tests.codeserverfix import code_server_cache
 from tests.test_devenv import in_namespace
 from tests.test_devssh import Operator
-from zlh import catalog
+from zlh import catalog, codeserver
 
 pytestmark = pytest.mark.slow
 
@@ -81,8 +81,9 @@ def test_javac_and_java_over_ssh_are_the_catalog_jdk(operator: JavaOperator) -> 
         f"{runtime}/bin:{SYSTEM_PATH}",
     ]
     listed = json.loads(operator.zlh("runtime", "list", NAME, "--json").stdout)
+    # The IDE's node is installed, not current: the PATH above has the jdk only.
     assert [(r["name"], r["version"], r["active"]) for r in listed] == [
-        ("jdk", _version(), True)]
+        ("jdk", _version(), True), ("node", codeserver.NODE_VERSION, False)]
 
 
 # As the dev user of a container laid out as on Proxmox (see tests/test_devssh.py): the

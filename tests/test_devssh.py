@@ -14,15 +14,17 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
 from agentd.spawn import SYSTEM_PATH
-from tests.codeserverfix import code_server_cache
+from tests.codeserverfix import code_server_cache, login
 from tests.components import cache_root, free_port
 from tests.sshfix import keygen
 from tests.test_devenv import in_namespace
-from zlh import devssh
+from zlh import codeserver, devssh
+from zlh.providers.local import LocalServerFiles
 
 pytestmark = pytest.mark.slow
 
@@ -132,6 +134,38 @@ def test_a_command_over_ssh_passes_its_exit_code_and_sees_the_one_path(
     non_login = operator.zlh("ssh", NAME, "--", "bash -c 'echo $PATH'", timeout=60)
     assert login.returncode == 0 and non_login.returncode == 0, login.stderr + non_login.stderr
     assert login.stdout.strip() == non_login.stdout.strip() == path
+
+
+def test_the_ide_runs_on_the_catalog_node_which_is_not_on_the_users_path(
+        operator: Operator) -> None:
+    # code-server had started `node` from the PATH: in dev-python, whatever node the
+    # machine has (/usr/bin/node), and none at all in a container without one.
+    status = json.loads(operator.zlh("status", NAME, "--json").stdout)
+    ide = psutil.Process(next(p["pid"] for p in status["processes"] if p["name"] == "ide"))
+    node = operator.container / f"opt/zlh/runtimes/node/{codeserver.NODE_VERSION}/bin/node"
+    listed = json.loads(operator.zlh("runtime", "list", NAME, "--json").stdout)
+
+    # The entry process and its server process (forked with the same node).
+    assert [p.exe() for p in (ide, *ide.children())] == [str(node), str(node)]
+    assert ide.environ()["PATH"] == operator.path  # the IDE's terminals: python first
+    assert sorted((r["name"], r["version"], r["active"]) for r in listed) == [
+        ("node", codeserver.NODE_VERSION, False), ("python", "3.11.2", True)]
+
+
+def test_code_server_writes_no_password_of_its_own(operator: Operator) -> None:
+    # code-server had written ~dev/.config/code-server/config.yaml (0644) with a random
+    # password that the login refuses.
+    home = operator.container / "home/dev"
+    written = [path for path in home.rglob("*.yaml") if "password" in path.read_text()]
+    config = operator.container / codeserver.CONFIG_FILE
+    url = f"http://127.0.0.1:{operator.ports['ide']}"  # type: ignore[attr-defined]
+    password = codeserver.read_password(LocalServerFiles(operator.container))
+
+    assert written == []
+    assert not (home / ".config/code-server").exists()
+    assert "password:" not in config.read_text()
+    assert login(url, password).status_code == 302
+    assert login(url, password + "x").status_code == 200  # refused: the form again
 
 
 def test_plain_ssh_uses_the_config_snippet(operator: Operator) -> None:

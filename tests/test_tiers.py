@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests.agentfix import AgentProcess, poll
-from zlh import inventory, tiers
+from zlh import codeserver, inventory, tiers
 from zlh.errors import ConflictError, UsageError
 from zlh.playbooks import Resources, load_playbook
 
@@ -489,5 +489,9 @@ def test_the_ide_process_spec(tmp_path: Path, in_container: bool | None,
     assert ide.env_files == {"PASSWORD": "etc/zlh/ide.password"} and "PASSWORD" not in ide.env
     assert ide.cwd == str(root / "home/dev/workspace") and ide.argv[-1] == ide.cwd
     assert ide.argv[ide.argv.index("--bind-addr") + 1] == "127.0.0.1:41000"
+    # The catalog's node by its path (not PATH's), zlh's config (not one code-server writes).
+    assert ide.argv[:2] == [str(root / "opt/zlh/runtimes/node/20.18.0/bin/node"),
+                            str(root / "opt/zlh/code-server" / codeserver.ENTRY)]
+    assert ide.argv[ide.argv.index("--config") + 1] == str(root / codeserver.CONFIG_FILE)
     assert ide.restart.policy == "on-failure" and ide.stop.signal == "SIGTERM"
     assert spec.disk_limit_bytes == 3 * 2**30

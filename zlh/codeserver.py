@@ -12,6 +12,13 @@ In a container, code-server lives in `/opt/zlh/code-server/node_modules/code-ser
 in `/home/dev/workspace` and takes its password from the `PASSWORD` variable, which the
 agent reads at spawn time from `/etc/zlh/ide.password` (mode 0600): the secret is in no
 spec, no log and no API answer.
+
+It runs on the catalog's Node.js NODE_VERSION (the one it installs on), a runtime of the
+container that provisioning installs without making it current: the argv names its `node`
+by path, and the dev user's PATH has only the runtimes the playbook names.
+It reads zlh's CONFIG_FILE (no password in it): without `--config`, code-server writes
+`~/.config/code-server/config.yaml` with a random password of its own, which the login
+refuses.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from zlh.errors import NotFoundError, ProvisionError
 from zlh.npmcache import ensure_cached
 
 if TYPE_CHECKING:
+    from zlh.catalog import Located
     from zlh.providers.base import ServerFiles
 
 log = logging.getLogger(__name__)
@@ -54,6 +62,17 @@ PROCESS = "ide"
 PORT = "ide"
 INSTALL_DIR = "opt/zlh/code-server"  # relative to the container root
 ENTRY = "node_modules/code-server/out/node/entry.js"
+CONFIG_FILE = f"{INSTALL_DIR}/config.yaml"
+CONFIG = (
+    "# code-server's config from zlh: its settings are on the ide process's command line\n"
+    "# and its password is PASSWORD, read by the agent from /etc/zlh/ide.password (0600).\n"
+    "auth: password\n"
+)
+NODE_RUNTIME = "node"
+NODE_VERSION = "20.18.0"
+# In the agent's runtimes folder (agentd's runtimes_dir, ROOT/opt/zlh/runtimes): that
+# version's own folder, not NAME/current, which `zlh runtime upgrade` switches.
+NODE = f"opt/zlh/runtimes/{NODE_RUNTIME}/{NODE_VERSION}/bin/node"
 PASSWORD_FILE = "etc/zlh/ide.password"
 DEV_HOME = "home/dev"
 WORKSPACE = "home/dev/workspace"
@@ -97,7 +116,15 @@ def install(files: ServerFiles, cache_root: Path) -> str:
     entry = ensure_installed(cache_root)
     log.info("putting code-server %s into %s", VERSION, f"{files.root}/{INSTALL_DIR}")
     files.put(entry / "node_modules", f"{INSTALL_DIR}/node_modules")
+    files.write_text(CONFIG_FILE, CONFIG)
     return str(PurePosixPath(files.root) / INSTALL_DIR / ENTRY)
+
+
+def node_item() -> Located:
+    """The catalog's Node.js that code-server runs on."""
+    from zlh import catalog
+
+    return catalog.find(NODE_RUNTIME, NODE_VERSION)
 
 
 # -- the secret ------------------------------------------------------------------------
@@ -152,7 +179,8 @@ def process_spec(layout: IdeLayout) -> ProcessSpec:
     """code-server as a supervised process of kind `ide`."""
     data = layout.path(DATA_DIR)
     argv = [
-        "node", layout.path(f"{INSTALL_DIR}/{ENTRY}"),
+        layout.path(NODE), layout.path(f"{INSTALL_DIR}/{ENTRY}"),
+        "--config", layout.path(CONFIG_FILE),
         "--bind-addr", f"127.0.0.1:{layout.port}",
         "--auth", "password",
         "--disable-telemetry", "--disable-update-check",

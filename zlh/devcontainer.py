@@ -2,7 +2,8 @@
 
 - every server: the tier's disk as the agent's `disk_limit_bytes`;
 - a playbook with `dev.code_server`: the IDE password (created at container-created),
-  code-server put into the container (artifacts-installed) and the `ide` process;
+  code-server put into the container (artifacts-installed), the Node.js it runs on
+  (runtimes-installed, not made current) and the `ide` process;
 - a playbook with `dev.ssh`: the host key, authorized keys and sshd_config (created at
   container-created, the key recorded in zlh's known_hosts) and the `ssh` process.
 
@@ -14,12 +15,15 @@ Proxmox. Paths in the spec are the container's own (its root is `files.root`).
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agentd.models import ServerSpec
 from zlh import codeserver, devssh
 from zlh.inventory import Server
 from zlh.playbooks import HOST, Playbook
+
+if TYPE_CHECKING:
+    from zlh.catalog import Located
 
 DEV_USER = "dev"
 GIB = 2**30
@@ -70,6 +74,13 @@ def prepare_ssh(playbook: Playbook, provider: Any, record: Server, address: str)
         with provider.container_files(record.name) as files:
             devssh.prepare(files, record.name, int(record.ports[devssh.PORT]),
                            opconfig.load().ssh, address or HOST, inside)
+
+
+def tool_runtimes(playbook: Playbook) -> list[Located]:
+    """Catalog runtimes zlh's own processes run on, named by path: installed at
+    runtimes-installed without being made current, so the dev user's PATH has the
+    playbook's runtimes only (dev-python's shells find no second node)."""
+    return [codeserver.node_item()] if wants_ide(playbook) else []
 
 
 def install(playbook: Playbook, provider: Any, name: str, cache: Path) -> None:

@@ -114,6 +114,7 @@ def provision(request: ProvisionRequest, on_step: StepCallback | None = None) ->
     from zlh import opconfig, runtimes
 
     runtimes.playbook_items(playbook)  # every catalog entry the playbook names exists
+    devcontainer.tool_runtimes(playbook)  # and the one its IDE runs on
     tiers.for_request(playbook, request.tier)
     opconfig.load()  # the sections later steps read (ssh, proxmox)
 
@@ -400,8 +401,9 @@ class _Run:
 
         assert self.record is not None
         items = runtimes.playbook_items(self.playbook)
-        if items:
-            runtimes.install_many(self.record, items)
+        tools = devcontainer.tool_runtimes(self.playbook)
+        if items or tools:
+            runtimes.install_many(self.record, items, tools=tools)
 
     def _apply_spec(self) -> None:
         from agentd.models import Provisioning

@@ -106,12 +106,18 @@ def install_body(item: Located, base: str, activate: bool = True) -> RuntimeInst
 
 
 def install_many(record: Server, items: list[Located], given: str | None = None,
-                 ) -> list[RuntimeInfo]:
-    """Install (and activate) `items` on the server of `record`, in order."""
+                 tools: list[Located] | None = None) -> list[RuntimeInfo]:
+    """Install (and activate) `items` on the server of `record`, in order; then `tools`,
+    runtimes that processes name by path, installed without a switch (one of `items`
+    stays current)."""
     from zlh.servers import agent_client
 
-    with artifact_base(record, items, given) as base, agent_client(record) as client:
-        return [client.install_runtime(install_body(item, base)) for item in items]
+    tools = tools or []
+    with artifact_base(record, items + tools, given) as base, \
+            agent_client(record) as client:
+        done = [client.install_runtime(install_body(item, base)) for item in items]
+        return done + [client.install_runtime(install_body(item, base, activate=False))
+                       for item in tools]
 
 
 def _choose(ref: RuntimeRef, newest_stable: bool) -> Located:
