@@ -107,7 +107,7 @@ def test_minetest_backup_files_restore_and_cron(zlh: Operator, tmp_path: Path) -
         failed = zlh("backup", "run", "mtb", "--quiet")
     finally:
         token.write_text(saved)
-    assert failed.code == 1 and "1 of 1 backups failed: mtb:" in failed.err
+    assert failed.code == 7 and "1 of 1 backups failed: mtb:" in failed.err  # the 401
     log_lines = (zlh.home / "logs" / "backups.log").read_text().splitlines()
     assert len(log_lines) == 4 and json.loads(log_lines[-1])["ok"] is False
     plan = ok(zlh("backup", "prune", "mtb", "--keep-last", "1", "--dry-run", "--json")).json()
