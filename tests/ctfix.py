@@ -25,10 +25,10 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from agentfix import poll
 from components import wait_for_line
 from sshfix import SSHD
 
@@ -156,19 +156,16 @@ exec chroot "$R" {SSHD} -D -e -f /etc/ssh/sshd_config
 
     def stop(self) -> None:
         """Kill everything in the container, as a hard stop does."""
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while True:
+        def all_gone() -> bool:
             pids = self.processes()
-            if not pids:
-                break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"processes {pids} in {self.folder} survive SIGKILL")
             for pid in pids:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            time.sleep(0.05)
+            return not pids
+
+        poll(all_gone, STOP_TIMEOUT, f"every process in {self.folder} to end on SIGKILL")
         if self.process is not None:
             self.process.wait(timeout=STOP_TIMEOUT)
             self.process = None

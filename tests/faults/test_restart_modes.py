@@ -25,7 +25,7 @@ READY_LINE = {READY_LINE!r}
 trigger, save_for = sys.argv[1], float(sys.argv[2])
 print("Starting test server", flush=True)
 while not os.path.exists(trigger):
-    time.sleep(0.02)
+    time.sleep(0.02)  # the program polls its trigger; the test waits on its output
 print(READY_LINE, flush=True)
 for raw in sys.stdin:
     line = raw.strip()
@@ -33,10 +33,10 @@ for raw in sys.stdin:
         print("[CHAT] " + line[4:], flush=True)
     elif line == "stop":
         print("Saving the world", flush=True)
-        time.sleep(save_for)
+        time.sleep(save_for)  # a save that takes this long: what the test stops through
         print("Stopping the server", flush=True)
         sys.exit(0)
-time.sleep(3600)
+time.sleep(3600)  # console closed: stays up until it is stopped
 """
 STOP_SECONDS = 1.5
 
