@@ -6,6 +6,7 @@ import os
 import subprocess
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
@@ -83,15 +84,16 @@ def test_java_rebuild_matches_the_committed_catalog(tmp_path: Path):
     assert (built.sha256, built.size) == (located.artifact.sha256, located.artifact.size)
 
 
-def test_python_builds_twice_to_the_committed_catalog(tmp_path: Path):
-    """Python from Debian's packages (apt-get download of pinned revisions): two builds,
-    the same bytes, the catalog's sha256; it runs from wherever it is unpacked."""
+def _built_twice_and_unpacked(kind: str, tmp_path: Path) -> tuple[Any, Path, str]:
+    """Build the catalog's `kind` twice: the same bytes, size and verify command as the
+    catalog records; then unpack it away from where it was built and run its verify
+    command there. Returns (the catalog entry, the tree, what verify printed)."""
     from agentd import runtimes
 
-    located = catalog.find("python", arch=catalog.machine_arch())
+    located = catalog.find(kind, arch=catalog.machine_arch())
     version = located.version.version
-    first = artifacts.add("python", version, tmp_path / "one")
-    second = artifacts.add("python", version, tmp_path / "two")
+    first = artifacts.add(kind, version, tmp_path / "one")
+    second = artifacts.add(kind, version, tmp_path / "two")
     assert first.sha256 == second.sha256 == located.artifact.sha256
     assert first.size == second.size == located.artifact.size
     assert first.verify == located.artifact.verify
@@ -100,7 +102,14 @@ def test_python_builds_twice_to_the_committed_catalog(tmp_path: Path):
     tree.parent.mkdir()
     runtimes.extract(first.file, "tar.zst", tree)
     assert located.artifact.verify is not None
-    runtimes.run_verify(tree, located.artifact.verify, located.artifact.path)
+    verified = runtimes.run_verify(tree, located.artifact.verify, located.artifact.path)
+    return located, tree, verified
+
+
+def test_python_builds_twice_to_the_committed_catalog(tmp_path: Path):
+    """Python from Debian's packages (apt-get download of pinned revisions): two builds,
+    the same bytes, the catalog's sha256; it runs from wherever it is unpacked."""
+    located, tree, _ = _built_twice_and_unpacked("python", tmp_path)
     done = subprocess.run([str(tree / "bin/python3"), "-I", "-c",
                            "import sys; print(sys.prefix, sys.version_info[:3])"],
                           capture_output=True, text=True, check=True, timeout=60)
@@ -122,22 +131,9 @@ def test_jdk_builds_twice_to_the_committed_catalog(tmp_path: Path):
     """A JDK from Debian's openjdk-17 packages: two builds, the same bytes, the catalog's
     sha256; unpacked elsewhere, javac and java find their home there, the configuration
     Debian keeps in /etc is in the tree, and the default trust store is the runtime's own."""
-    from agentd import runtimes
-
-    located = catalog.find("jdk", arch=catalog.machine_arch())
+    located, tree, verified = _built_twice_and_unpacked("jdk", tmp_path)
     version = located.version.version
-    first = artifacts.add("jdk", version, tmp_path / "one")
-    second = artifacts.add("jdk", version, tmp_path / "two")
-    assert first.sha256 == second.sha256 == located.artifact.sha256
-    assert first.size == second.size == located.artifact.size
-    assert first.verify == located.artifact.verify
-
-    tree = tmp_path / "somewhere/else"
-    tree.parent.mkdir()
-    runtimes.extract(first.file, "tar.zst", tree)
-    assert located.artifact.verify is not None
-    assert runtimes.run_verify(tree, located.artifact.verify, located.artifact.path) == \
-        f"javac {version}"
+    assert verified == f"javac {version}"
     assert not (tree / "jmods").exists()
     assert [p for p in tree.rglob("*") if p.is_symlink() and os.readlink(p).startswith("/")] \
         == []
